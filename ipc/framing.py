@@ -77,52 +77,78 @@ def describe_decode_error(exc: msgspec.MsgspecError) -> tuple[str, str]:
 class FrameReader(Generic[T]):
     """Incremental frame parser for one connection.
 
-    ``feed()`` appends bytes; iterating yields decoded messages, or :class:`BadFrame` for a
-    frame whose body did not decode. An oversized length raises :class:`FrameTooLarge`.
+    Bytes arrive either through ``feed()`` (a copy) or, for ``asyncio.BufferedProtocol``, through
+    ``get_buffer()`` / ``buffer_updated()`` (the socket reads straight into our buffer).
+    Iterating yields decoded messages, or :class:`BadFrame` for a frame whose body did not decode;
+    an oversized length raises :class:`FrameTooLarge` before any of its body is buffered.
+
+    The buffer is never resized in place: asyncio may still hold the memoryview handed out by
+    ``get_buffer()`` while ``buffer_updated()`` runs, and an exported bytearray cannot change size.
     """
 
-    __slots__ = ("_buf", "_dec", "_pos", "max_frame_bytes")
+    __slots__ = ("_buf", "_dec", "_end", "_start", "max_frame_bytes")
 
-    def __init__(self, type: Any, max_frame_bytes: int) -> None:
+    def __init__(self, type: Any, max_frame_bytes: int, initial_bytes: int = 65536) -> None:
         self._dec: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(type)
-        self._buf = bytearray()
-        self._pos = 0
+        self._buf = bytearray(initial_bytes)
+        self._start = 0
+        self._end = 0
         self.max_frame_bytes = max_frame_bytes
 
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Writable space after the buffered bytes (at least enough for the frame in progress)."""
+        need = PREFIX
+        pending = self._end - self._start
+        if pending >= PREFIX:
+            length = int.from_bytes(self._buf[self._start : self._start + PREFIX], "big")
+            if length <= self.max_frame_bytes:
+                need = PREFIX + length
+        need = max(need, pending + 4096)
+        if len(self._buf) - self._start < need:
+            # Not enough room even after compaction: move to a bigger buffer.
+            size = max(need, 2 * len(self._buf))
+            new = bytearray(size)
+            new[:pending] = self._buf[self._start : self._end]
+            self._buf = new
+            self._start, self._end = 0, pending
+        elif len(self._buf) - self._end < 4096 or self._start > len(self._buf) // 2:
+            self._buf[:pending] = self._buf[self._start : self._end]
+            self._start, self._end = 0, pending
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        self._buf += data
+        view = memoryview(data).cast("B")
+        while view:
+            target = self.get_buffer(len(view))
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
 
     def pending(self) -> int:
-        return len(self._buf) - self._pos
+        return self._end - self._start
 
     def __iter__(self) -> FrameReader[T]:
         return self
 
     def __next__(self) -> T | BadFrame:
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos < PREFIX:
-            self._compact()
+        buf, pos = self._buf, self._start
+        if self._end - pos < PREFIX:
             raise StopIteration
         length = int.from_bytes(buf[pos : pos + PREFIX], "big")
         if length > self.max_frame_bytes:
             raise FrameTooLarge(length, self.max_frame_bytes)
         end = pos + PREFIX + length
-        if len(buf) < end:
-            self._compact()
+        if self._end < end:
             raise StopIteration
-        self._pos = end
+        self._start = end
+        if self._start == self._end:
+            self._start = self._end = 0
         try:
             return self._dec.decode(memoryview(buf)[pos + PREFIX : end])
         except msgspec.MsgspecError as exc:
             code, message = describe_decode_error(exc)
             return BadFrame(code, message)
-
-    def _compact(self) -> None:
-        # Drop consumed bytes once they dominate the buffer, so a long-lived connection's buffer
-        # does not grow without bound and a small tail is not copied on every read.
-        if self._pos > 65536 and self._pos * 2 > len(self._buf):
-            del self._buf[: self._pos]
-            self._pos = 0

@@ -1,0 +1,569 @@
+"""Supervisor: owns the sockets and shared memory, spawns, watches, reaps and respawns workers.
+
+Threading model: one thread. Signal handlers only enqueue the signal number (and
+``signal.set_wakeup_fd`` wakes the loop); the main loop sleeps in ``select`` on the wake-up
+pipe and the control socket with a short timeout, then reaps (``waitpid(-1, WNOHANG)``),
+checks heartbeats, respawns what is due and advances a drain. It runs no per-chunk work.
+
+Liveness and timeouts: a worker whose heartbeat is older than ``heartbeat_timeout_s`` (or that
+has not beaten that long after its spawn) is killed with SIGKILL and replaced. Respawns back off
+exponentially from ``restart.backoff_initial_s`` to ``restart.backoff_max_s``; the count resets
+after a worker has run for ``STABLE_AFTER_S``. A drain (SIGTERM/SIGINT) asks the ingress workers
+to finish their streams, then stops the infer workers; whatever still runs after
+``shutdown_timeout_s`` is killed. Every shared-memory segment and socket file created here is
+removed on the way out, whatever happened to the workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from daemon import __version__
+from daemon.config import Config
+from daemon.errors import BootError, SocketInUseError
+from daemon.systemd import Notifier, listen_fds
+from ipc import control as ctl
+from ipc.framing import BadFrame, FrameReader, FrameTooLarge, FrameWriter
+from ipc.heartbeat import (
+    INFER_COUNTERS,
+    INGRESS_COUNTERS,
+    HeartbeatTable,
+    WorkerState,
+)
+from ipc.ring import Ring
+from ipc.shm import Manifest, segment_name, sweep_stale
+from ipc.wakeup import Wakeup
+from workers.spec import ENV_VAR, LaneFds, WorkerSpec, slot_index
+
+log = logging.getLogger("asrd.supervisor")
+
+STABLE_AFTER_S = 10.0
+TICK_S = 0.1
+ROLES = ("ingress", "infer")
+
+
+class SlotState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    STOPPED = "stopped"
+
+
+@dataclass(slots=True)
+class WorkerSlot:
+    role: str
+    lane: int
+    index: int
+    pid: int = 0
+    generation: int = 0
+    restarts: int = 0
+    failures: int = 0
+    state: SlotState = SlotState.STOPPED
+    started_at: float = 0.0
+    next_start_at: float = 0.0
+    cpus: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Lane:
+    index: int
+    audio: Ring
+    result: Ring
+    fds: LaneFds
+    wakeups: list[Wakeup]
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"was killed by {name}"
+    return f"exited with code {os.waitstatus_to_exitcode(status)}"
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pid = os.getpid()
+        self.runtime_dir = config.resolved_runtime_dir()
+        self.socket_path = config.socket_path()
+        self.control_path = config.control_socket_path()
+        self.lanes: list[Lane] = []
+        self.slots: list[WorkerSlot] = []
+        self.by_pid: dict[int, WorkerSlot] = {}
+        self.signals: deque[int] = deque()
+        self.notifier = Notifier()
+        self.listen_sock: socket.socket | None = None
+        self.own_socket_file = False
+        self.control_sock: socket.socket | None = None
+        self.control_conns: dict[socket.socket, FrameReader[ctl.ControlRequest]] = {}
+        self.table: HeartbeatTable | None = None
+        self.manifest: Manifest | None = None
+        self.selector = selectors.DefaultSelector()
+        self.state = "starting"
+        self.ready = False
+        self.drain_deadline = 0.0
+        self.infer_stop_sent = False
+        self.started_at = time.monotonic()
+        self._wake_r = -1
+        self._wake_w = -1
+
+    # --- boot -----------------------------------------------------------------------------------
+    def boot(self) -> None:
+        cfg = self.config
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        swept = sweep_stale(cfg.instance, self.runtime_dir)
+        if swept:
+            log.warning(
+                "removed %d stale shared-memory segments of instance %r left by a dead "
+                "supervisor: %s", len(swept), cfg.instance, ", ".join(swept),
+            )
+        self.listen_sock = self._listening_socket()
+        self.control_sock = self._bind(self.control_path, what="control socket")
+        self.control_sock.setblocking(False)
+        self.selector.register(self.control_sock, selectors.EVENT_READ, "control")
+        self.manifest = Manifest(self.runtime_dir, cfg.instance)
+        n_lanes = cfg.lane_count()
+        name = segment_name(cfg.instance, self.pid, "heartbeat", 0)
+        self.table = HeartbeatTable.create(name, n_lanes * 2)
+        self.manifest.add(name)
+        for lane in range(n_lanes):
+            self.lanes.append(self._make_lane(lane))
+            for role in ROLES:
+                self.slots.append(WorkerSlot(role, lane, slot_index(role, lane)))
+        log.info(
+            "asrd %s: instance %r, %d lanes, %s backend, listening on %s",
+            __version__, cfg.instance, n_lanes, cfg.backend.kind, self.socket_path,
+        )
+
+    def _make_lane(self, n: int) -> Lane:
+        cfg = self.config
+        assert self.manifest is not None
+        audio_name = segment_name(cfg.instance, self.pid, "audio", n)
+        result_name = segment_name(cfg.instance, self.pid, "result", n)
+        audio = Ring.create(audio_name, cfg.ring.audio_bytes)
+        self.manifest.add(audio_name)
+        result = Ring.create(result_name, cfg.ring.result_bytes)
+        self.manifest.add(result_name)
+        wakeups = [Wakeup() for _ in range(4)]
+        fds = LaneFds(
+            audio_data=wakeups[0].fds(),
+            audio_space=wakeups[1].fds(),
+            result_data=wakeups[2].fds(),
+            result_space=wakeups[3].fds(),
+        )
+        return Lane(n, audio, result, fds, wakeups)
+
+    def _listening_socket(self) -> socket.socket:
+        fds = listen_fds()
+        if fds:
+            sock = socket.socket(fileno=fds[0])
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                raise BootError(
+                    "the socket passed by systemd (LISTEN_FDS) is not a Unix stream socket; "
+                    "use ListenStream= with a path in asrd.socket"
+                )
+            name = sock.getsockname()
+            self.socket_path = Path(name if isinstance(name, str) else name.decode())
+            log.info("using the listening socket passed by systemd: %s", self.socket_path)
+            return sock
+        sock = self._bind(self.socket_path, what="socket")
+        self.own_socket_file = True
+        return sock
+
+    def _bind(self, path: Path, what: str) -> socket.socket:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink(missing_ok=True)  # left by a daemon that died: nobody listens
+            else:
+                raise SocketInUseError(
+                    f"another asrd is already listening on {what} {path}; stop it, or give "
+                    "this one another instance/socket in the config"
+                )
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, self.config.socket_mode)
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            raise BootError(f"cannot listen on {what} {path}: {exc.strerror}") from exc
+        return sock
+
+    # --- workers --------------------------------------------------------------------------------
+    def spawn(self, slot: WorkerSlot) -> None:
+        assert self.table is not None and self.listen_sock is not None
+        lane = self.lanes[slot.lane]
+        slot.generation += 1
+        spec = WorkerSpec(
+            role=slot.role,
+            lane=slot.lane,
+            lanes=len(self.lanes),
+            generation=slot.generation,
+            supervisor_pid=self.pid,
+            heartbeat=self.table.name,
+            slot=slot.index,
+            audio_ring=lane.audio.name,
+            result_ring=lane.result.name,
+            fds=lane.fds,
+            listen_fd=self.listen_sock.fileno() if slot.role == "ingress" else -1,
+            cpus=slot.cpus,
+            config=self.config,
+        )
+        pass_fds = lane.fds.all()
+        if slot.role == "ingress":
+            pass_fds.append(self.listen_sock.fileno())
+        env = dict(os.environ)
+        env[ENV_VAR] = spec.encode()
+        argv = [sys.executable, "-m", f"workers.{slot.role}"]
+        pid = os.fork()
+        if pid == 0:  # child: exec at once; nothing of the supervisor's state is used
+            try:
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
+                    signal.signal(sig, signal.SIG_DFL)
+                for fd in pass_fds:
+                    os.set_inheritable(fd, True)
+                os.execve(sys.executable, argv, env)
+            finally:
+                os._exit(127)
+        self.table.reset_slot(slot.index, pid, slot.generation)
+        slot.pid = pid
+        slot.state = SlotState.STARTING
+        slot.started_at = time.monotonic()
+        self.by_pid[pid] = slot
+        log.info("started %s lane %d (pid %d)", slot.role, slot.lane, pid)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = self.by_pid.pop(pid, None)
+            if slot is None:
+                continue
+            self.worker_exited(slot, status)
+
+    def worker_exited(self, slot: WorkerSlot, status: int) -> None:
+        now = time.monotonic()
+        slot.pid = 0
+        how = describe_status(status)
+        if self.state == "draining":
+            slot.state = SlotState.STOPPED
+            level = logging.INFO if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else (
+                logging.WARNING
+            )
+            log.log(level, "%s lane %d %s", slot.role, slot.lane, how)
+            return
+        ran = now - slot.started_at
+        slot.failures = 1 if ran >= STABLE_AFTER_S else slot.failures + 1
+        rc = self.config.restart
+        delay = min(rc.backoff_max_s, rc.backoff_initial_s * (2 ** (slot.failures - 1)))
+        slot.state = SlotState.RESTARTING
+        slot.next_start_at = now + delay
+        slot.restarts += 1
+        log.error(
+            "%s lane %d %s after %.1f s; restarting in %.2f s (restart %d)",
+            slot.role, slot.lane, how, ran, delay, slot.restarts,
+        )
+        if slot.role == "infer":
+            # Utterances the dead worker held are lost; the lane's ingress tells their streams.
+            ingress = self.slots[slot_index("ingress", slot.lane)]
+            if ingress.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(ingress.pid, signal.SIGUSR1)
+
+    def check_workers(self) -> None:
+        assert self.table is not None
+        now = time.monotonic()
+        timeout = self.config.heartbeat_timeout_s
+        for slot in self.slots:
+            if slot.state == SlotState.RESTARTING and now >= slot.next_start_at:
+                if self.state != "draining":
+                    self.spawn(slot)
+                continue
+            if not slot.pid:
+                continue
+            _pid, wstate, _gen, beat = self.table.read(slot.index)
+            if slot.state == SlotState.STARTING and wstate in (
+                WorkerState.RUNNING, WorkerState.DRAINING
+            ):
+                slot.state = SlotState.RUNNING
+                log.info("%s lane %d (pid %d) is serving", slot.role, slot.lane, slot.pid)
+            last = beat if beat > 0 else slot.started_at
+            age = now - max(last, slot.started_at)
+            if age > timeout:
+                log.error(
+                    "%s lane %d (pid %d) sent no heartbeat for %.1f s "
+                    "(heartbeat_timeout_s = %g): killing it",
+                    slot.role, slot.lane, slot.pid, age, timeout,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGKILL)
+                slot.started_at = now  # one kill per timeout period
+        if not self.ready and all(s.state == SlotState.RUNNING for s in self.slots):
+            self.ready = True
+            self.state = "serving"
+            text = f"serving {len(self.lanes)} lanes on {self.socket_path}"
+            log.info("ready: %s", text)
+            self.notifier.ready(text)
+
+    # --- drain ----------------------------------------------------------------------------------
+    def begin_drain(self, why: str) -> None:
+        if self.state == "draining":
+            log.warning("%s again while draining: stopping now", why)
+            self.drain_deadline = 0.0
+            return
+        log.info("%s: draining (up to %g s)", why, self.config.shutdown_timeout_s)
+        self.state = "draining"
+        self.notifier.stopping()
+        self.drain_deadline = time.monotonic() + self.config.shutdown_timeout_s
+        for slot in self.slots:
+            if slot.state == SlotState.RESTARTING:
+                slot.state = SlotState.STOPPED
+        self._signal_role("ingress", signal.SIGTERM)
+
+    def _signal_role(self, role: str, sig: int) -> None:
+        for slot in self.slots:
+            if slot.role == role and slot.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, sig)
+
+    def advance_drain(self) -> bool:
+        """True once every worker is gone."""
+        if not self.by_pid:
+            return True
+        if not self.infer_stop_sent and not any(
+            s.pid for s in self.slots if s.role == "ingress"
+        ):
+            self.infer_stop_sent = True
+            self._signal_role("infer", signal.SIGTERM)
+        if time.monotonic() >= self.drain_deadline:
+            log.warning(
+                "shutdown_timeout_s (%g s) passed: killing %d workers",
+                self.config.shutdown_timeout_s, len(self.by_pid),
+            )
+            self.kill_all()
+            return True
+        return False
+
+    def kill_all(self) -> None:
+        for pid in list(self.by_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while self.by_pid and time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            slot = self.by_pid.pop(pid, None)
+            if slot is not None:
+                slot.pid = 0
+                slot.state = SlotState.STOPPED
+
+    # --- control socket -------------------------------------------------------------------------
+    def on_control_accept(self) -> None:
+        assert self.control_sock is not None
+        try:
+            conn, _ = self.control_sock.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        self.control_conns[conn] = FrameReader(ctl.ControlRequest, 64 * 1024)
+        self.selector.register(conn, selectors.EVENT_READ, "control-conn")
+
+    def on_control_data(self, conn: socket.socket) -> None:
+        reader = self.control_conns[conn]
+        try:
+            data = conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_control(conn)
+            return
+        reader.feed(data)
+        writer = FrameWriter()
+        try:
+            for msg in reader:
+                if isinstance(msg, BadFrame):
+                    writer.append(ctl.ControlError(message=f"{msg.code}: {msg.message}"))
+                else:
+                    writer.append(self.status())
+        except FrameTooLarge as exc:
+            writer.append(ctl.ControlError(message=str(exc)))
+            reader = None  # type: ignore[assignment]
+        if len(writer):
+            conn.setblocking(True)
+            conn.settimeout(2.0)
+            try:
+                conn.sendall(writer.take())
+            except OSError:
+                self._close_control(conn)
+                return
+            conn.setblocking(False)
+        if reader is None:
+            self._close_control(conn)
+
+    def _close_control(self, conn: socket.socket) -> None:
+        self.control_conns.pop(conn, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn)
+        conn.close()
+
+    def status(self) -> ctl.Status:
+        assert self.table is not None
+        now = time.monotonic()
+        lanes = []
+        totals: dict[str, int] = {}
+        for lane in self.lanes:
+            workers = []
+            for role in ROLES:
+                slot = self.slots[slot_index(role, lane.index)]
+                names = INGRESS_COUNTERS if role == "ingress" else INFER_COUNTERS
+                counters = self.table.counters(slot.index, names)
+                for k, v in counters.items():
+                    totals[f"{role}.{k}"] = totals.get(f"{role}.{k}", 0) + v
+                _pid, _state, _gen, beat = self.table.read(slot.index)
+                rss = None
+                if slot.pid:
+                    with contextlib.suppress(psutil.Error):
+                        rss = psutil.Process(slot.pid).memory_info().rss
+                workers.append(ctl.WorkerStatus(
+                    role=role,
+                    lane=lane.index,
+                    pid=slot.pid,
+                    state=slot.state.value,
+                    restarts=slot.restarts,
+                    heartbeat_age_s=round(now - beat, 3) if beat > 0 and slot.pid else None,
+                    cpus=slot.cpus,
+                    rss_bytes=rss,
+                    counters=counters,
+                ))
+            lanes.append(ctl.LaneStatus(
+                lane=lane.index, workers=workers,
+                audio_ring=lane.audio.stats(), result_ring=lane.result.stats(),
+            ))
+        return ctl.Status(
+            version=__version__,
+            instance=self.config.instance,
+            pid=self.pid,
+            uptime_s=round(now - self.started_at, 3),
+            state=self.state,
+            backend=self.config.backend.kind,
+            socket=str(self.socket_path),
+            lanes=lanes,
+            totals=totals,
+        )
+
+    # --- main loop ------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+
+    def install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "signal")
+
+    def run(self) -> int:
+        self.install_signals()
+        try:
+            self.boot()
+            for slot in self.slots:
+                self.spawn(slot)
+            self.loop()
+        finally:
+            self.cleanup()
+        return 0
+
+    def loop(self) -> None:
+        status_due = 0.0
+        while True:
+            for key, _ in self.selector.select(TICK_S):
+                if key.data == "signal":
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(self._wake_r, 512):
+                            pass
+                elif key.data == "control":
+                    self.on_control_accept()
+                else:
+                    self.on_control_data(key.fileobj)  # type: ignore[arg-type]
+            while self.signals:
+                sig = self.signals.popleft()
+                if sig in (signal.SIGTERM, signal.SIGINT):
+                    self.begin_drain(signal.Signals(sig).name)
+                elif sig == signal.SIGHUP:
+                    log.warning("SIGHUP: live reload is not available yet; config unchanged")
+            self.reap()
+            if self.state == "draining":
+                if self.advance_drain():
+                    return
+                continue
+            self.check_workers()
+            now = time.monotonic()
+            if self.ready and now >= status_due:
+                status_due = now + 5.0
+                self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        assert self.table is not None
+        streams = sum(
+            self.table.counters(s.index, INGRESS_COUNTERS)["streams"]
+            for s in self.slots if s.role == "ingress"
+        )
+        up = sum(1 for s in self.slots if s.state == SlotState.RUNNING)
+        return f"{len(self.lanes)} lanes, {up}/{len(self.slots)} workers up, {streams} streams"
+
+    def cleanup(self) -> None:
+        if self.by_pid:
+            self.kill_all()
+        for conn in list(self.control_conns):
+            self._close_control(conn)
+        for lane in self.lanes:
+            for ring in (lane.audio, lane.result):
+                ring.close()
+            for w in lane.wakeups:
+                w.close()
+        if self.table is not None:
+            self.table.close()
+        if self.manifest is not None:
+            self.manifest.unlink_all()
+        if self.control_sock is not None:
+            self.control_sock.close()
+            self.control_path.unlink(missing_ok=True)
+        if self.listen_sock is not None:
+            self.listen_sock.close()
+            if self.own_socket_file:
+                self.socket_path.unlink(missing_ok=True)
+        self.notifier.close()
+        log.info("stopped; shared memory and sockets removed")

@@ -1,0 +1,60 @@
+"""sd_notify without libsystemd: one datagram per state change to ``$NOTIFY_SOCKET``.
+
+Does nothing when the variable is unset (not started by systemd, not under a test that listens).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+class Notifier:
+    def __init__(self, address: str | None = None) -> None:
+        addr = address if address is not None else os.environ.get("NOTIFY_SOCKET", "")
+        self._addr: str | bytes | None = None
+        self._sock: socket.socket | None = None
+        if addr:
+            # A leading "@" names an abstract socket.
+            self._addr = b"\0" + addr[1:].encode() if addr.startswith("@") else addr
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    def notify(self, *lines: str) -> bool:
+        if self._sock is None or self._addr is None:
+            return False
+        try:
+            self._sock.sendto("\n".join(lines).encode(), self._addr)
+        except OSError:
+            return False
+        return True
+
+    def ready(self, status: str = "") -> bool:
+        return self.notify("READY=1", f"STATUS={status}") if status else self.notify("READY=1")
+
+    def status(self, status: str) -> bool:
+        return self.notify(f"STATUS={status}")
+
+    def stopping(self) -> bool:
+        return self.notify("STOPPING=1")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def listen_fds() -> list[int]:
+    """File descriptors passed by socket activation (``LISTEN_FDS``), if they are for us."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return list(range(3, 3 + count))

@@ -1,0 +1,319 @@
+"""Infer worker: drains its lane's audio ring, runs the recognizer, pushes partials and finals.
+
+Threading model: one thread, one loop. It sleeps in ``poll()`` on the audio ring's wake-up
+descriptor (and, while the result ring is full, on the result ring's space wake-up), with a
+timeout of ``heartbeat_interval_s`` so that it beats even when idle.
+
+Liveness: the heartbeat is written after every record and every poll, so a beat older than
+``heartbeat_timeout_s`` means one recognizer call has been stuck that long (the supervisor then
+kills and replaces the worker). A record of 100 ms of audio costs about 15 ms of pocketsphinx.
+
+Limits: records are handled in batches of at most ``BATCH`` so partials and heartbeats are not
+starved by a deep ring; utterances beyond the backend's decoder bound wait (their audio is
+kept) until a decoder frees up. SIGTERM ends the loop after the current batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import msgspec
+
+from ipc import records as rec
+from ipc.heartbeat import INFER_COUNTERS, HeartbeatTable, WorkerState
+from ipc.protocol import ErrorCode
+from ipc.ring import Record, Ring
+from ipc.wakeup import Wakeup
+from workers.backends import create_backend
+from workers.backends.base import Backend, BackendBusy, Transcript
+from workers.common import parent_alive, setup_process
+from workers.spec import WorkerSpec, load_spec
+
+BATCH = 64
+
+log = logging.getLogger("asrd.infer")
+
+
+@dataclass(slots=True)
+class Utterance:
+    key: int
+    number: int
+    interim_ms: int
+    started: bool = False  # holds a decoder
+    ended: bool = False  # END seen while still waiting for a decoder
+    audio_seq: int = -1
+    dirty: bool = False
+    last_partial_at: float = 0.0
+    last_partial: str = ""
+    waiting_audio: list[bytes] = field(default_factory=list)
+
+
+class InferWorker:
+    def __init__(self, spec: WorkerSpec, backend: Backend | None = None) -> None:
+        self.spec = spec
+        cfg = spec.config
+        self.heartbeat_interval = cfg.heartbeat_interval_s
+        self.audio = Ring.attach(spec.audio_ring)
+        self.results = Ring.attach(spec.result_ring)
+        self.audio_data = Wakeup.from_fds(*spec.fds.audio_data)
+        self.audio_space = Wakeup.from_fds(*spec.fds.audio_space)
+        self.result_data = Wakeup.from_fds(*spec.fds.result_data)
+        self.result_space = Wakeup.from_fds(*spec.fds.result_space)
+        self.table = HeartbeatTable.attach(spec.heartbeat)
+        self.slot = self.table.slot(spec.slot)
+        self.backend = backend if backend is not None else create_backend(cfg.backend)
+        self.utterances: dict[int, Utterance] = {}
+        self.waiting: deque[Utterance] = deque()
+        self.stopping = False
+        self.counters = dict.fromkeys(INFER_COUNTERS, 0)
+        self._enc = msgspec.msgpack.Encoder()
+        self._begin_dec = msgspec.msgpack.Decoder(rec.UtteranceBegin)
+        self._results_pushed = False
+
+    # --- main loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.push_result(rec.HELLO, 0, self.spec.generation, b"")
+        self.flush_signal()
+        self.slot.set_state(WorkerState.RUNNING)
+        self.beat()
+        log.info("serving with the %s backend", self.backend.name)
+        poller = select.poll()
+        poller.register(self.audio_data.fileno(), select.POLLIN)
+        last_parent_check = time.monotonic()
+        timeout_ms = int(self.heartbeat_interval * 1000)
+        while not self.stopping:
+            records = self.audio.pop_many(BATCH)
+            if not records:
+                self.emit_partials(force_due=True)
+                self.flush_signal()
+                self.beat()
+                poller.poll(timeout_ms if not self.has_due_partials() else 10)
+                self.audio_data.drain()
+            else:
+                if self.audio.take_space_request():
+                    self.audio_space.signal()
+                for r in records:
+                    self.handle(r)
+                    self.beat()
+                self.emit_partials(force_due=False)
+                self.flush_signal()
+            now = time.monotonic()
+            if now - last_parent_check > 0.5:
+                last_parent_check = now
+                if not parent_alive(self.spec):
+                    log.error("supervisor died; exiting")
+                    break
+        self.slot.set_state(WorkerState.STOPPED)
+        self.beat()
+        self.close()
+        return 0
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def beat(self) -> None:
+        self.slot.beat(time.monotonic())
+        c = self.counters
+        c["active_utterances"] = self.backend.active()
+        c["waiting_utterances"] = len(self.waiting)
+        self.slot.publish(list(c.values()))
+
+    def close(self) -> None:
+        self.backend.close()
+        for ring in (self.audio, self.results):
+            ring.close()
+        del self.slot
+        self.table.close()
+
+    # --- records --------------------------------------------------------------------------------
+    def handle(self, r: Record) -> None:
+        c = self.counters
+        c["records"] += 1
+        kind = r.kind
+        if kind == rec.AUDIO:
+            u = self.utterances.get(r.key)
+            if u is None:
+                c["dropped_records"] += 1
+                return
+            c["audio_bytes"] += len(r.payload)
+            u.audio_seq = r.seq
+            if u.started:
+                t0 = time.perf_counter()
+                try:
+                    self.backend.feed(r.key, r.payload)
+                except Exception as exc:  # a recognizer failure ends this utterance only
+                    self.fail(u, exc)
+                    return
+                c["decode_us"] += int((time.perf_counter() - t0) * 1e6)
+                u.dirty = True
+            else:
+                u.waiting_audio.append(r.payload)
+        elif kind == rec.BEGIN:
+            begin = self._begin_dec.decode(r.payload)
+            old = self.utterances.pop(r.key, None)
+            if old is not None:
+                self.drop(old)
+            u = Utterance(r.key, r.seq, begin.interim_ms)
+            self.utterances[r.key] = u
+            c["utterances"] += 1
+            self.try_start(u)
+        elif kind == rec.END:
+            u = self.utterances.get(r.key)
+            if u is None or u.number != r.seq:
+                c["dropped_records"] += 1
+                return
+            if u.started:
+                self.finish(u)
+            else:
+                u.ended = True
+        elif kind == rec.CANCEL:
+            u = self.utterances.get(r.key)
+            if u is not None and u.number == r.seq:
+                self.drop(self.utterances.pop(r.key))
+        elif kind == rec.RESET:
+            # A new ingress worker: every utterance of the previous one has no owner any more.
+            for u in list(self.utterances.values()):
+                self.drop(u)
+            self.utterances.clear()
+            log.info("ingress generation %d started; abandoned utterances cleared", r.key)
+        else:
+            c["dropped_records"] += 1
+
+    def try_start(self, u: Utterance) -> bool:
+        try:
+            self.backend.begin(u.key)
+        except BackendBusy:
+            if u not in self.waiting:
+                self.waiting.append(u)
+            return False
+        except Exception as exc:
+            self.fail(u, exc)
+            return False
+        u.started = True
+        if u.waiting_audio:
+            audio, u.waiting_audio = u.waiting_audio, []
+            try:
+                for pcm in audio:
+                    self.backend.feed(u.key, pcm)
+            except Exception as exc:
+                self.fail(u, exc)
+                return False
+            u.dirty = True
+        if u.ended:
+            self.finish(u)
+        return True
+
+    def start_waiting(self) -> None:
+        while self.waiting:
+            u = self.waiting[0]
+            if self.utterances.get(u.key) is not u:
+                self.waiting.popleft()
+                continue
+            if not self.try_start(u) and u in self.waiting:
+                return
+            if self.waiting and self.waiting[0] is u:
+                self.waiting.popleft()
+
+    def finish(self, u: Utterance) -> None:
+        t0 = time.perf_counter()
+        try:
+            transcript: Transcript = self.backend.end(u.key)
+        except Exception as exc:
+            self.fail(u, exc)
+            return
+        self.counters["decode_us"] += int((time.perf_counter() - t0) * 1e6)
+        self.utterances.pop(u.key, None)
+        words = (
+            [rec.WordResult(w.word, w.start_ms, w.end_ms, w.confidence) for w in transcript.words]
+            if transcript.words is not None
+            else None
+        )
+        payload = self._enc.encode(rec.FinalResult(transcript.text, words, transcript.confidence))
+        self.push_result(rec.FINAL, u.key, u.number, payload)
+        self.counters["finals"] += 1
+        self.start_waiting()
+
+    def drop(self, u: Utterance) -> None:
+        if u.started:
+            try:
+                self.backend.cancel(u.key)
+            except Exception:
+                log.exception("cancel of stream %x failed", u.key)
+        elif u in self.waiting:
+            self.waiting.remove(u)
+        self.utterances.pop(u.key, None)
+        self.start_waiting()
+
+    def fail(self, u: Utterance, exc: Exception) -> None:
+        log.error("recognizer failed on stream %x utterance %d: %s", u.key, u.number, exc)
+        self.counters["failures"] += 1
+        self.drop(u)
+        payload = self._enc.encode(
+            rec.UtteranceError(ErrorCode.INFERENCE_FAILED, f"recognizer failed: {exc}")
+        )
+        self.push_result(rec.FAILED, u.key, u.number, payload)
+
+    # --- partials -------------------------------------------------------------------------------
+    def has_due_partials(self) -> bool:
+        return any(u.dirty and u.interim_ms >= 0 for u in self.utterances.values())
+
+    def emit_partials(self, force_due: bool) -> None:
+        now = time.monotonic()
+        for u in self.utterances.values():
+            if not u.dirty or u.interim_ms < 0 or not u.started:
+                continue
+            if now - u.last_partial_at < u.interim_ms / 1000.0:
+                continue
+            u.dirty = False
+            u.last_partial_at = now
+            try:
+                text = self.backend.partial(u.key)
+            except Exception as exc:
+                log.warning("partial of stream %x failed: %s", u.key, exc)
+                continue
+            if text == u.last_partial and u.interim_ms > 0:
+                continue
+            u.last_partial = text
+            payload = self._enc.encode(rec.PartialResult(text, u.audio_seq))
+            self.push_result(rec.PARTIAL, u.key, u.number, payload)
+            self.counters["partials"] += 1
+
+    # --- result ring ----------------------------------------------------------------------------
+    def push_result(self, kind: int, key: int, seq: int, payload: bytes) -> None:
+        while not self.results.try_push(kind, key, seq, payload):
+            # Full: the ingress worker is behind. Wake it, then wait for space (never drop).
+            self.result_data.signal()
+            if self.results.wait_for_space():
+                continue
+            self.beat()
+            self.result_space.wait(self.heartbeat_interval)
+            self.result_space.drain()
+            if not parent_alive(self.spec):
+                raise SystemExit(0)
+        self._results_pushed = True
+
+    def flush_signal(self) -> None:
+        if self._results_pushed:
+            self._results_pushed = False
+            self.result_data.signal()
+
+
+def main() -> int:
+    spec = load_spec()
+    setup_process(spec)
+    try:
+        worker = InferWorker(spec)
+    except Exception:
+        log.exception("infer worker failed to start")
+        return 70
+    return worker.run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,696 @@
+"""Ingress worker: client connections, protocol, limits, resampling and VAD for one lane.
+
+Threading model: one asyncio event loop. Client sockets are ``BufferedProtocol`` connections
+accepted on the listening socket shared by every lane's ingress worker (the kernel gives each
+connection to one of them). Speech goes to the lane's audio ring; results come back through the
+result ring, whose eventfd is registered with the loop. Socket writes are batched: messages are
+encoded into each connection's reused buffer and written once per loop iteration.
+
+Liveness: a task beats the heartbeat every ``heartbeat_interval_s``; a beat older than
+``heartbeat_timeout_s`` means the loop is blocked, and the supervisor replaces the worker.
+
+Backpressure: when the audio ring is full, records wait in an in-process backlog (never
+dropped); past ``BACKLOG_PAUSE_BYTES`` the worker stops reading from every client socket until
+the infer worker catches up, so clients feel it as a slow socket.
+
+Signals (enqueued on the loop): SIGTERM drains (no new connections or streams; open utterances
+get their finals, then ``Closed(reason="shutdown")``); SIGUSR1 from the supervisor says the
+lane's infer worker died: streams with an utterance in flight get ``worker_restarted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+import soxr
+
+from daemon.config import VadConfig, vad_with_overrides
+from daemon.errors import ConfigError
+from ipc import protocol as p
+from ipc import records as rec
+from ipc.framing import BadFrame, FrameReader, FrameTooLarge, FrameWriter
+from ipc.heartbeat import INGRESS_COUNTERS, HeartbeatTable, WorkerState
+from ipc.ring import Ring
+from ipc.wakeup import Wakeup
+from workers.backends.base import SAMPLE_RATE
+from workers.common import parent_alive, setup_process
+from workers.spec import WorkerSpec, load_spec
+from workers.vad import SpeechAudio, SpeechEnd, SpeechStart, StreamVad
+
+log = logging.getLogger("asrd.ingress")
+
+BACKLOG_PAUSE_BYTES = 4 * 1024 * 1024
+MAX_STREAM_ID = 256
+ENCODINGS = ("s16le",)
+
+
+@dataclass(slots=True)
+class Utterance:
+    start_ms: int
+    end_ms: int = -1
+
+
+@dataclass(slots=True, eq=False)
+class Stream:
+    id: str
+    key: int
+    conn: Connection
+    sample_rate: int
+    vad: StreamVad
+    resampler: Any  # soxr.ResampleStream | None
+    interim_ms: int
+    last_seq: int = -1
+    chunks: int = 0
+    samples_in: int = 0
+    open_utterance: int = 0
+    pending: dict[int, Utterance] = field(default_factory=dict)
+    finishing: bool = False
+    close_reason: str = "finished"
+    told_shutdown: bool = False
+
+
+class Connection(asyncio.BufferedProtocol):
+    def __init__(self, ingress: Ingress) -> None:
+        self.ingress = ingress
+        self.reader: FrameReader[p.ClientMessage] = FrameReader(
+            p.ClientMessage, ingress.config.limits.max_frame_bytes
+        )
+        self.writer = FrameWriter()
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[str, Stream] = {}
+        self.greeted = False
+        self.closing = False
+        self.peer = "?"
+
+    # asyncio callbacks ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                pid, uid, _gid = struct.unpack("3i", creds)
+                self.peer = f"pid {pid} uid {uid}"
+            except OSError:
+                pass
+        self.ingress.connection_made(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.reader.buffer_updated(nbytes)
+        ingress = self.ingress
+        try:
+            for msg in self.reader:
+                if self.closing:
+                    break
+                ingress.handle(self, msg)
+        except FrameTooLarge as exc:
+            ingress.counters["bad_frames"] += 1
+            self.fail(p.ErrorCode.FRAME_TOO_LARGE, f"{exc}; closing the connection")
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.ingress.connection_lost(self)
+
+    # helpers -------------------------------------------------------------------------------------
+    def send(self, msg: Any) -> None:
+        if self.transport is None or self.closing:
+            return
+        self.writer.append(msg)
+        self.ingress.mark_dirty(self)
+
+    def flush(self) -> None:
+        if self.transport is not None and len(self.writer):
+            self.transport.write(self.writer.take())
+
+    def fail(self, code: str, message: str) -> None:
+        """Fatal connection error: say why, then close."""
+        self.send(p.Error(code=code, message=message))
+        self.ingress.counters["errors_sent"] += 1
+        self.flush()
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Ingress:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.config = spec.config
+        self.lane = spec.lane
+        self.audio = Ring.attach(spec.audio_ring)
+        self.results = Ring.attach(spec.result_ring)
+        self.audio_data = Wakeup.from_fds(*spec.fds.audio_data)
+        self.audio_space = Wakeup.from_fds(*spec.fds.audio_space)
+        self.result_data = Wakeup.from_fds(*spec.fds.result_data)
+        self.result_space = Wakeup.from_fds(*spec.fds.result_space)
+        self.table = HeartbeatTable.attach(spec.heartbeat)
+        self.slot = self.table.slot(spec.slot)
+        self.counters = dict.fromkeys(INGRESS_COUNTERS, 0)
+        self.connections: set[Connection] = set()
+        self.by_key: dict[int, Stream] = {}
+        self.next_key = 0
+        lanes = max(1, spec.lanes)
+        limits = self.config.limits
+        self.max_connections = -(-limits.max_connections // lanes)
+        self.max_streams = -(-limits.max_streams // lanes)
+        self.welcome = p.Welcome(
+            protocol=p.PROTOCOL_VERSION,
+            limits=p.Limits(
+                max_frame_bytes=limits.max_frame_bytes,
+                max_streams_per_connection=limits.max_streams_per_connection,
+                sample_rates=list(p.SAMPLE_RATES),
+                encodings=list(ENCODINGS),
+            ),
+            backend=self.config.backend.kind,
+        )
+        self.backlog: deque[tuple[int, int, int, bytes]] = deque()
+        self.backlog_bytes = 0
+        self.paused = False
+        self.signal_audio = False
+        self.dirty: set[Connection] = set()
+        self.flush_scheduled = False
+        self.draining = False
+        self.stopped: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self._enc = msgspec.msgpack.Encoder()
+        self._partial_dec = msgspec.msgpack.Decoder(rec.PartialResult)
+        self._final_dec = msgspec.msgpack.Decoder(rec.FinalResult)
+        self._error_dec = msgspec.msgpack.Decoder(rec.UtteranceError)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.stopped = asyncio.Event()
+        sock = socket.socket(fileno=self.spec.listen_fd)
+        sock.setblocking(False)
+        self.server = await loop.create_unix_server(
+            lambda: Connection(self), sock=sock, backlog=1024
+        )
+        loop.add_reader(self.result_data.fileno(), self.on_results)
+        loop.add_reader(self.audio_space.fileno(), self.on_audio_space)
+        loop.add_signal_handler(signal.SIGTERM, self.start_drain)
+        loop.add_signal_handler(signal.SIGUSR1, self.infer_restarted)
+        self.push(rec.RESET, self.spec.generation, 0, b"")
+        self.slot.set_state(WorkerState.RUNNING)
+        heartbeat = asyncio.create_task(self.heartbeat())
+        log.info("accepting connections")
+        self.on_results()  # results that arrived before we registered
+        await self.stopped.wait()
+        heartbeat.cancel()
+        self.slot.set_state(WorkerState.STOPPED)
+        self.publish()
+        for conn in list(self.connections):
+            conn.flush()
+            if conn.transport is not None:
+                conn.transport.close()
+        self.server.close()
+        loop.remove_reader(self.result_data.fileno())
+        loop.remove_reader(self.audio_space.fileno())
+        # Let closing transports write what they still buffer (bounded: a client that does not
+        # read cannot hold the exit up).
+        deadline = loop.time() + 2.0
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return 0
+
+    async def heartbeat(self) -> None:
+        interval = self.config.heartbeat_interval_s
+        while True:
+            self.publish()
+            if not parent_alive(self.spec):
+                log.error("supervisor died; exiting")
+                assert self.stopped is not None
+                self.stopped.set()
+                return
+            if self.backlog:
+                self.flush_backlog()  # a lost wake-up must not stall the lane
+            await asyncio.sleep(interval)
+
+    def publish(self) -> None:
+        c = self.counters
+        c["connections"] = len(self.connections)
+        c["streams"] = len(self.by_key)
+        c["pending_records"] = len(self.backlog)
+        self.slot.beat(time.monotonic())
+        self.slot.publish(list(c.values()))
+
+    def start_drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        log.info(
+            "draining: %d connections, %d streams", len(self.connections), len(self.by_key)
+        )
+        self.slot.set_state(WorkerState.DRAINING)
+        if self.server is not None:
+            self.server.close()
+        for stream in list(self.by_key.values()):
+            self.finish_stream(stream, reason="shutdown")
+        for conn in list(self.connections):
+            if not conn.streams:
+                conn.flush()
+                if conn.transport is not None:
+                    conn.transport.close()
+        self.check_drained()
+
+    def check_drained(self) -> None:
+        if self.draining and not self.by_key and self.stopped is not None:
+            self.stopped.set()
+
+    # --- connections ----------------------------------------------------------------------------
+    def connection_made(self, conn: Connection) -> None:
+        self.counters["connections_total"] += 1
+        if self.draining:
+            conn.fail(p.ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+            return
+        if len(self.connections) >= self.max_connections:
+            conn.fail(
+                p.ErrorCode.TOO_MANY_CONNECTIONS,
+                f"this lane already serves {len(self.connections)} connections "
+                f"(limits.max_connections = {self.config.limits.max_connections} over "
+                f"{self.spec.lanes} lanes)",
+            )
+            return
+        self.connections.add(conn)
+
+    def connection_lost(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.dirty.discard(conn)
+        for stream in list(conn.streams.values()):
+            self.abandon(stream)
+        conn.streams.clear()
+        self.check_drained()
+
+    def mark_dirty(self, conn: Connection) -> None:
+        self.dirty.add(conn)
+        if not self.flush_scheduled and self.loop is not None:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Once per loop iteration: one socket write per connection, one ring wake-up."""
+        self.flush_scheduled = False
+        dirty, self.dirty = self.dirty, set()
+        for conn in dirty:
+            conn.flush()
+        if self.signal_audio:
+            self.signal_audio = False
+            self.audio_data.signal()
+
+    def stream_error(self, conn: Connection, stream: str | None, code: str, message: str) -> None:
+        self.counters["errors_sent"] += 1
+        conn.send(p.Error(code=code, message=message, stream=stream))
+
+    # --- client messages ------------------------------------------------------------------------
+    def handle(self, conn: Connection, msg: p.ClientMessage | BadFrame) -> None:
+        if type(msg) is p.Audio:
+            self.on_audio(conn, msg)
+        elif isinstance(msg, BadFrame):
+            self.counters["bad_frames"] += 1
+            self.stream_error(conn, None, msg.code, msg.message)
+        elif not conn.greeted:
+            if isinstance(msg, p.Hello):
+                if msg.protocol != p.PROTOCOL_VERSION:
+                    conn.fail(
+                        p.ErrorCode.UNSUPPORTED_PROTOCOL,
+                        f"protocol {msg.protocol} is not supported; this daemon speaks "
+                        f"protocol {p.PROTOCOL_VERSION}",
+                    )
+                    return
+                conn.greeted = True
+                conn.send(self.welcome)
+            else:
+                conn.fail(
+                    p.ErrorCode.HELLO_REQUIRED,
+                    f"the first message must be hello, not {type(msg).__name__.lower()}",
+                )
+        elif isinstance(msg, p.Start):
+            self.on_start(conn, msg)
+        elif isinstance(msg, p.Finish):
+            stream = conn.streams.get(msg.stream)
+            if stream is None:
+                self.unknown_stream(conn, msg.stream)
+            elif not stream.finishing:
+                self.finish_stream(stream, reason="finished")
+        elif isinstance(msg, p.Cancel):
+            stream = conn.streams.get(msg.stream)
+            if stream is None:
+                self.unknown_stream(conn, msg.stream)
+            else:
+                self.abandon(stream)
+                conn.streams.pop(stream.id, None)
+                conn.send(p.Closed(stream=stream.id, reason="cancelled", stats=self.stats(stream)))
+                self.check_drained()
+        elif isinstance(msg, p.Ping):
+            conn.send(p.Pong(id=msg.id))
+        elif isinstance(msg, p.Hello):
+            self.stream_error(conn, None, p.ErrorCode.INVALID_MESSAGE, "hello was already sent")
+
+    def unknown_stream(self, conn: Connection, stream_id: str) -> None:
+        self.stream_error(
+            conn, stream_id, p.ErrorCode.UNKNOWN_STREAM,
+            f"no open stream {stream_id!r} on this connection (send start first)",
+        )
+
+    def on_start(self, conn: Connection, msg: p.Start) -> None:
+        sid = msg.stream
+        code = None
+        if self.draining:
+            code, text = p.ErrorCode.SHUTTING_DOWN, "the daemon is shutting down"
+        elif not sid or len(sid) > MAX_STREAM_ID:
+            code = p.ErrorCode.INVALID_MESSAGE
+            text = f"stream id must be 1 to {MAX_STREAM_ID} characters"
+        elif sid in conn.streams:
+            code, text = p.ErrorCode.DUPLICATE_STREAM, f"stream {sid!r} is already open"
+        elif msg.sample_rate not in p.SAMPLE_RATES:
+            code = p.ErrorCode.UNSUPPORTED_SAMPLE_RATE
+            text = (
+                f"sample_rate {msg.sample_rate} is not supported; use one of "
+                f"{', '.join(map(str, p.SAMPLE_RATES))}"
+            )
+        elif msg.encoding not in ENCODINGS:
+            code = p.ErrorCode.UNSUPPORTED_ENCODING
+            text = f"encoding {msg.encoding!r} is not supported; use one of {', '.join(ENCODINGS)}"
+        elif len(conn.streams) >= self.config.limits.max_streams_per_connection:
+            code = p.ErrorCode.TOO_MANY_STREAMS
+            text = (
+                f"this connection already has {len(conn.streams)} streams "
+                f"(limits.max_streams_per_connection)"
+            )
+        elif len(self.by_key) >= self.max_streams:
+            code = p.ErrorCode.TOO_MANY_STREAMS
+            text = f"this lane already serves {len(self.by_key)} streams (limits.max_streams)"
+        if code is not None:
+            self.stream_error(conn, sid, code, text)
+            return
+        try:
+            vad_cfg: VadConfig = vad_with_overrides(self.config.vad, msg.vad)
+        except ConfigError as exc:
+            self.stream_error(conn, sid, p.ErrorCode.INVALID_MESSAGE, f"vad: {exc}")
+            return
+        self.next_key += 1
+        key = rec.stream_key(self.spec.generation, self.next_key)
+        resampler = None
+        if msg.sample_rate != SAMPLE_RATE:
+            resampler = soxr.ResampleStream(msg.sample_rate, SAMPLE_RATE, 1, dtype="int16")
+        stream = Stream(
+            id=sid,
+            key=key,
+            conn=conn,
+            sample_rate=msg.sample_rate,
+            vad=StreamVad(vad_cfg, SAMPLE_RATE),
+            resampler=resampler,
+            interim_ms=self.config.backend.interim_ms if msg.interim else -1,
+        )
+        conn.streams[sid] = stream
+        self.by_key[key] = stream
+        self.counters["streams_total"] += 1
+        conn.send(p.Started(stream=sid, lane=self.lane))
+
+    def on_audio(self, conn: Connection, msg: p.Audio) -> None:
+        if not conn.greeted:
+            conn.fail(p.ErrorCode.HELLO_REQUIRED, "the first message must be hello, not audio")
+            return
+        stream = conn.streams.get(msg.stream)
+        if stream is None:
+            self.unknown_stream(conn, msg.stream)
+            return
+        if stream.finishing:
+            if self.draining and not stream.told_shutdown:
+                stream.told_shutdown = True
+                self.stream_error(
+                    conn, stream.id, p.ErrorCode.SHUTTING_DOWN,
+                    f"the daemon is shutting down: audio from seq {msg.seq} on is not "
+                    "transcribed; the stream closes after its last final",
+                )
+            elif not self.draining:
+                self.stream_error(
+                    conn, stream.id, p.ErrorCode.INVALID_MESSAGE,
+                    "audio after finish: the stream is closing",
+                )
+            return
+        pcm = msg.pcm
+        if len(pcm) & 1:
+            self.stream_error(
+                conn, stream.id, p.ErrorCode.ODD_BYTE_COUNT,
+                f"audio seq {msg.seq} has {len(pcm)} bytes; s16le needs an even count "
+                "(the chunk was not used)",
+            )
+            return
+        if msg.seq <= stream.last_seq:
+            self.stream_error(
+                conn, stream.id, p.ErrorCode.BAD_SEQUENCE,
+                f"audio seq {msg.seq} is not above the previous seq {stream.last_seq} "
+                "(the chunk was not used)",
+            )
+            return
+        stream.last_seq = msg.seq
+        stream.chunks += 1
+        stream.samples_in += len(pcm) >> 1
+        c = self.counters
+        c["chunks"] += 1
+        c["audio_bytes"] += len(pcm)
+        if stream.resampler is not None:
+            pcm = stream.resampler.resample_chunk(np.frombuffer(pcm, dtype=np.int16)).tobytes()
+        self.route(stream, stream.vad.process(pcm), msg.seq)
+
+    def route(self, stream: Stream, events: list[Any], seq: int) -> None:
+        """VAD events -> ring records and Speech messages."""
+        conn = stream.conn
+        for ev in events:
+            t = type(ev)
+            if t is SpeechAudio:
+                self.push_audio(stream.key, seq, ev.pcm)
+            elif t is SpeechStart:
+                stream.open_utterance = ev.utterance
+                stream.pending[ev.utterance] = Utterance(ev.at_ms)
+                self.push(
+                    rec.BEGIN, stream.key, ev.utterance,
+                    self._enc.encode(rec.UtteranceBegin(stream.interim_ms)),
+                )
+                conn.send(p.Speech(
+                    stream=stream.id, event="start", at_ms=ev.at_ms, utterance=ev.utterance
+                ))
+                self.counters["utterances"] += 1
+            elif t is SpeechEnd:
+                stream.open_utterance = 0
+                utt = stream.pending.get(ev.utterance)
+                if utt is not None:
+                    utt.end_ms = ev.at_ms
+                self.push(rec.END, stream.key, ev.utterance, b"")
+                conn.send(p.Speech(
+                    stream=stream.id, event="end", at_ms=ev.at_ms, utterance=ev.utterance,
+                    reason=ev.reason, confidence=round(ev.confidence, 3),
+                ))
+
+    def finish_stream(self, stream: Stream, reason: str) -> None:
+        """End of the stream's audio: cut the open utterance; close after the last final."""
+        stream.finishing = True
+        stream.close_reason = reason
+        if stream.resampler is not None:
+            tail = stream.resampler.resample_chunk(np.zeros(0, dtype=np.int16), last=True)
+            self.route(stream, stream.vad.process(tail.tobytes()), stream.last_seq)
+        self.route(stream, stream.vad.flush(), stream.last_seq)
+        self.maybe_close(stream)
+
+    def maybe_close(self, stream: Stream) -> None:
+        if stream.finishing and not stream.pending:
+            self.remove(stream)
+            stream.conn.send(
+                p.Closed(stream=stream.id, reason=stream.close_reason, stats=self.stats(stream))
+            )
+            conn = stream.conn
+            if self.draining and not conn.streams:
+                conn.flush()
+                if conn.transport is not None:
+                    conn.transport.close()
+            self.check_drained()
+
+    def remove(self, stream: Stream) -> None:
+        self.by_key.pop(stream.key, None)
+        if stream.conn.streams.get(stream.id) is stream:
+            del stream.conn.streams[stream.id]
+
+    def abandon(self, stream: Stream) -> None:
+        """Drop a stream without results; the infer worker frees its decoders."""
+        for number in stream.pending:
+            self.push(rec.CANCEL, stream.key, number, b"")
+        stream.pending.clear()
+        self.remove(stream)
+
+    def stats(self, stream: Stream) -> p.StreamStats:
+        vc = stream.vad.counters
+        return p.StreamStats(
+            audio_ms=stream.samples_in * 1000 // stream.sample_rate,
+            chunks=stream.chunks,
+            speech_frames=vc.speech_frames,
+            silence_frames=vc.silence_frames,
+            utterances=vc.utterances,
+        )
+
+    # --- audio ring -----------------------------------------------------------------------------
+    def push_audio(self, key: int, seq: int, pcm: bytes) -> None:
+        limit = self.audio.max_payload
+        if len(pcm) <= limit:
+            self.push(rec.AUDIO, key, seq, pcm)
+            return
+        view = memoryview(pcm)
+        for i in range(0, len(pcm), limit):
+            self.push(rec.AUDIO, key, seq, bytes(view[i : i + limit]))
+
+    def push(self, kind: int, key: int, seq: int, payload: bytes) -> None:
+        self.signal_audio = True
+        if not self.flush_scheduled and self.loop is not None:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+        if not self.backlog and self.audio.try_push(kind, key, seq, payload):
+            return
+        if not self.backlog:
+            self.counters["backpressure_events"] += 1
+        self.backlog.append((kind, key, seq, payload))
+        self.backlog_bytes += len(payload) + 32
+        if self.backlog_bytes > BACKLOG_PAUSE_BYTES and not self.paused:
+            self.paused = True
+            log.warning(
+                "audio ring of lane %d full and %d bytes waiting: pausing client reads",
+                self.lane, self.backlog_bytes,
+            )
+            for conn in self.connections:
+                if conn.transport is not None:
+                    conn.transport.pause_reading()
+        if self.audio.wait_for_space():
+            self.flush_backlog()
+
+    def on_audio_space(self) -> None:
+        self.audio_space.drain()
+        self.flush_backlog()
+
+    def flush_backlog(self) -> None:
+        backlog = self.backlog
+        pushed = False
+        while backlog:
+            kind, key, seq, payload = backlog[0]
+            if self.audio.try_push(kind, key, seq, payload):
+                backlog.popleft()
+                self.backlog_bytes -= len(payload) + 32
+                pushed = True
+            elif not self.audio.wait_for_space():
+                break
+        if pushed:
+            self.audio_data.signal()
+        if not backlog and self.paused:
+            self.paused = False
+            log.info("lane %d caught up: resuming client reads", self.lane)
+            for conn in self.connections:
+                if conn.transport is not None and not conn.closing:
+                    conn.transport.resume_reading()
+
+    # --- results --------------------------------------------------------------------------------
+    def on_results(self) -> None:
+        self.result_data.drain()
+        while True:
+            batch = self.results.pop_many(256)
+            if not batch:
+                break
+            if self.results.take_space_request():
+                self.result_space.signal()
+            for r in batch:
+                self.on_result(r)
+        if self.results.take_space_request():
+            self.result_space.signal()
+
+    def on_result(self, r: Any) -> None:
+        kind = r.kind
+        if kind == rec.HELLO:
+            log.info("infer worker generation %d is serving lane %d", r.seq, self.lane)
+            return
+        stream = self.by_key.get(r.key)
+        if stream is None:
+            return  # its stream is gone (cancelled, client left, lane restarted)
+        conn = stream.conn
+        if kind == rec.PARTIAL:
+            if stream.interim_ms >= 0 and r.seq in stream.pending:
+                part = self._partial_dec.decode(r.payload)
+                conn.send(p.Partial(
+                    stream=stream.id, utterance=r.seq, text=part.text, seq=part.audio_seq
+                ))
+        elif kind == rec.FINAL:
+            utt = stream.pending.pop(r.seq, None)
+            if utt is None:
+                return
+            res = self._final_dec.decode(r.payload)
+            start = utt.start_ms
+            end = utt.end_ms if utt.end_ms >= 0 else stream.vad.position_ms
+            words = (
+                [p.Word(w.word, start + w.start_ms, start + w.end_ms, round(w.confidence, 4))
+                 for w in res.words]
+                if res.words is not None
+                else None
+            )
+            conn.send(p.Final(
+                stream=stream.id, utterance=r.seq, text=res.text, start_ms=start, end_ms=end,
+                words=words,
+                confidence=round(res.confidence, 4) if res.confidence is not None else None,
+            ))
+            self.counters["finals"] += 1
+            self.maybe_close(stream)
+        elif kind == rec.FAILED:
+            err = self._error_dec.decode(r.payload)
+            stream.pending.pop(r.seq, None)
+            self.stream_error(
+                conn, stream.id, err.code, f"utterance {r.seq}: {err.message}"
+            )
+            self.abandon(stream)
+            self.check_drained()
+
+    def infer_restarted(self) -> None:
+        """The lane's infer worker died: utterances it held are lost; say so per stream."""
+        failed = 0
+        for stream in list(self.by_key.values()):
+            if not stream.pending:
+                continue
+            failed += 1
+            numbers = ", ".join(map(str, sorted(stream.pending)))
+            self.stream_error(
+                stream.conn, stream.id, p.ErrorCode.WORKER_RESTARTED,
+                f"the inference worker of lane {self.lane} stopped while utterance(s) "
+                f"{numbers} were in flight; the stream is closed: start a new one",
+            )
+            self.abandon(stream)
+        if failed:
+            log.warning("infer worker of lane %d died: %d streams failed", self.lane, failed)
+        self.check_drained()
+
+
+def main() -> int:
+    spec = load_spec()
+    setup_process(spec)
+    try:
+        ingress = Ingress(spec)
+    except Exception:
+        log.exception("ingress worker failed to start")
+        return 70
+    return asyncio.run(ingress.serve())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
