@@ -1,0 +1,1 @@
+from tests.daemon_fixtures import start_daemon  # noqa: F401 - fixture
