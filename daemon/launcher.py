@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 
 class DaemonProcess:
@@ -44,7 +45,7 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.notify: socket.socket | None = None
         self.messages: list[str] = []
-        self._log_file = None
+        self._log_file: BinaryIO | None = None
 
     def start(self, timeout: float = 60.0) -> DaemonProcess:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

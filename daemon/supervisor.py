@@ -132,7 +132,10 @@ class Supervisor:
         if swept:
             log.warning(
                 "removed %d stale shared-memory segments of instance %r left by a dead "
-                "supervisor: %s", len(swept), cfg.instance, ", ".join(swept),
+                "supervisor: %s",
+                len(swept),
+                cfg.instance,
+                ", ".join(swept),
             )
         self.listen_sock = self._listening_socket()
         self.control_sock = self._bind(self.control_path, what="control socket")
@@ -149,7 +152,11 @@ class Supervisor:
                 self.slots.append(WorkerSlot(role, lane, slot_index(role, lane)))
         log.info(
             "asrd %s: instance %r, %d lanes, %s backend, listening on %s",
-            __version__, cfg.instance, n_lanes, cfg.backend.kind, self.socket_path,
+            __version__,
+            cfg.instance,
+            n_lanes,
+            cfg.backend.kind,
+            self.socket_path,
         )
 
     def _make_lane(self, n: int) -> Lane:
@@ -276,8 +283,10 @@ class Supervisor:
         how = describe_status(status)
         if self.state == "draining":
             slot.state = SlotState.STOPPED
-            level = logging.INFO if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else (
-                logging.WARNING
+            level = (
+                logging.INFO
+                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+                else (logging.WARNING)
             )
             log.log(level, "%s lane %d %s", slot.role, slot.lane, how)
             return
@@ -290,7 +299,12 @@ class Supervisor:
         slot.restarts += 1
         log.error(
             "%s lane %d %s after %.1f s; restarting in %.2f s (restart %d)",
-            slot.role, slot.lane, how, ran, delay, slot.restarts,
+            slot.role,
+            slot.lane,
+            how,
+            ran,
+            delay,
+            slot.restarts,
         )
         if slot.role == "infer":
             # Utterances the dead worker held are lost; the lane's ingress tells their streams.
@@ -312,7 +326,8 @@ class Supervisor:
                 continue
             _pid, wstate, _gen, beat = self.table.read(slot.index)
             if slot.state == SlotState.STARTING and wstate in (
-                WorkerState.RUNNING, WorkerState.DRAINING
+                WorkerState.RUNNING,
+                WorkerState.DRAINING,
             ):
                 slot.state = SlotState.RUNNING
                 log.info("%s lane %d (pid %d) is serving", slot.role, slot.lane, slot.pid)
@@ -322,7 +337,11 @@ class Supervisor:
                 log.error(
                     "%s lane %d (pid %d) sent no heartbeat for %.1f s "
                     "(heartbeat_timeout_s = %g): killing it",
-                    slot.role, slot.lane, slot.pid, age, timeout,
+                    slot.role,
+                    slot.lane,
+                    slot.pid,
+                    age,
+                    timeout,
                 )
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.pid, signal.SIGKILL)
@@ -359,15 +378,14 @@ class Supervisor:
         """True once every worker is gone."""
         if not self.by_pid:
             return True
-        if not self.infer_stop_sent and not any(
-            s.pid for s in self.slots if s.role == "ingress"
-        ):
+        if not self.infer_stop_sent and not any(s.pid for s in self.slots if s.role == "ingress"):
             self.infer_stop_sent = True
             self._signal_role("infer", signal.SIGTERM)
         if time.monotonic() >= self.drain_deadline:
             log.warning(
                 "shutdown_timeout_s (%g s) passed: killing %d workers",
-                self.config.shutdown_timeout_s, len(self.by_pid),
+                self.config.shutdown_timeout_s,
+                len(self.by_pid),
             )
             self.kill_all()
             return True
@@ -380,7 +398,7 @@ class Supervisor:
         deadline = time.monotonic() + 5.0
         while self.by_pid and time.monotonic() < deadline:
             try:
-                pid, status = os.waitpid(-1, 0)
+                pid, _status = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
             slot = self.by_pid.pop(pid, None)
@@ -457,21 +475,27 @@ class Supervisor:
                 if slot.pid:
                     with contextlib.suppress(psutil.Error):
                         rss = psutil.Process(slot.pid).memory_info().rss
-                workers.append(ctl.WorkerStatus(
-                    role=role,
+                workers.append(
+                    ctl.WorkerStatus(
+                        role=role,
+                        lane=lane.index,
+                        pid=slot.pid,
+                        state=slot.state.value,
+                        restarts=slot.restarts,
+                        heartbeat_age_s=round(now - beat, 3) if beat > 0 and slot.pid else None,
+                        cpus=slot.cpus,
+                        rss_bytes=rss,
+                        counters=counters,
+                    )
+                )
+            lanes.append(
+                ctl.LaneStatus(
                     lane=lane.index,
-                    pid=slot.pid,
-                    state=slot.state.value,
-                    restarts=slot.restarts,
-                    heartbeat_age_s=round(now - beat, 3) if beat > 0 and slot.pid else None,
-                    cpus=slot.cpus,
-                    rss_bytes=rss,
-                    counters=counters,
-                ))
-            lanes.append(ctl.LaneStatus(
-                lane=lane.index, workers=workers,
-                audio_ring=lane.audio.stats(), result_ring=lane.result.stats(),
-            ))
+                    workers=workers,
+                    audio_ring=lane.audio.stats(),
+                    result_ring=lane.result.stats(),
+                )
+            )
         return ctl.Status(
             version=__version__,
             instance=self.config.instance,
@@ -539,7 +563,8 @@ class Supervisor:
         assert self.table is not None
         streams = sum(
             self.table.counters(s.index, INGRESS_COUNTERS)["streams"]
-            for s in self.slots if s.role == "ingress"
+            for s in self.slots
+            if s.role == "ingress"
         )
         up = sum(1 for s in self.slots if s.state == SlotState.RUNNING)
         return f"{len(self.lanes)} lanes, {up}/{len(self.slots)} workers up, {streams} streams"

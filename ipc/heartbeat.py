@@ -1,4 +1,4 @@
-"""Heartbeat table: one shared-memory slot per worker, written by the worker, read by the supervisor.
+"""Heartbeat table: one shared-memory slot per worker, written by it, read by the supervisor.
 
 Each worker writes ``time.monotonic()`` (CLOCK_MONOTONIC is one clock for every process on the
 host) into its slot from its main loop, so a fresh beat proves the loop is making progress, not
@@ -10,6 +10,7 @@ consecutive publishes, which is fine for statistics.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import mmap
 import struct
@@ -130,16 +131,12 @@ class HeartbeatTable:
     def close(self) -> None:
         # Drop numpy views first: an mmap with live exports cannot be closed.
         del self._words, self._floats
-        try:
+        with contextlib.suppress(BufferError):
             self._mm.close()
-        except BufferError:
-            pass
 
     def unlink(self) -> None:
-        try:
+        with contextlib.suppress(posix_ipc.ExistentialError):
             posix_ipc.unlink_shared_memory(self.name)
-        except posix_ipc.ExistentialError:
-            pass
 
 
 class HeartbeatSlot:

@@ -115,9 +115,8 @@ def test_resampled_rates_and_ping(start_daemon: Start) -> None:
 @needs_speech
 @pytest.mark.timeout(180)
 def test_transcripts_equal_direct_pocketsphinx(start_daemon: Start) -> None:
-    from workers.backends.embedded import transcribe_direct
-
     from daemon.config import Config
+    from workers.backends.embedded import transcribe_direct
     from workers.vad import SpeechAudio, StreamVad
 
     cfg = Config()

@@ -257,9 +257,7 @@ class Ingress:
         if self.draining:
             return
         self.draining = True
-        log.info(
-            "draining: %d connections, %d streams", len(self.connections), len(self.by_key)
-        )
+        log.info("draining: %d connections, %d streams", len(self.connections), len(self.by_key))
         self.slot.set_state(WorkerState.DRAINING)
         if self.server is not None:
             self.server.close()
@@ -367,7 +365,9 @@ class Ingress:
 
     def unknown_stream(self, conn: Connection, stream_id: str) -> None:
         self.stream_error(
-            conn, stream_id, p.ErrorCode.UNKNOWN_STREAM,
+            conn,
+            stream_id,
+            p.ErrorCode.UNKNOWN_STREAM,
             f"no open stream {stream_id!r} on this connection (send start first)",
         )
 
@@ -438,27 +438,35 @@ class Ingress:
             if self.draining and not stream.told_shutdown:
                 stream.told_shutdown = True
                 self.stream_error(
-                    conn, stream.id, p.ErrorCode.SHUTTING_DOWN,
+                    conn,
+                    stream.id,
+                    p.ErrorCode.SHUTTING_DOWN,
                     f"the daemon is shutting down: audio from seq {msg.seq} on is not "
                     "transcribed; the stream closes after its last final",
                 )
             elif not self.draining:
                 self.stream_error(
-                    conn, stream.id, p.ErrorCode.INVALID_MESSAGE,
+                    conn,
+                    stream.id,
+                    p.ErrorCode.INVALID_MESSAGE,
                     "audio after finish: the stream is closing",
                 )
             return
         pcm = msg.pcm
         if len(pcm) & 1:
             self.stream_error(
-                conn, stream.id, p.ErrorCode.ODD_BYTE_COUNT,
+                conn,
+                stream.id,
+                p.ErrorCode.ODD_BYTE_COUNT,
                 f"audio seq {msg.seq} has {len(pcm)} bytes; s16le needs an even count "
                 "(the chunk was not used)",
             )
             return
         if msg.seq <= stream.last_seq:
             self.stream_error(
-                conn, stream.id, p.ErrorCode.BAD_SEQUENCE,
+                conn,
+                stream.id,
+                p.ErrorCode.BAD_SEQUENCE,
                 f"audio seq {msg.seq} is not above the previous seq {stream.last_seq} "
                 "(the chunk was not used)",
             )
@@ -484,12 +492,16 @@ class Ingress:
                 stream.open_utterance = ev.utterance
                 stream.pending[ev.utterance] = Utterance(ev.at_ms)
                 self.push(
-                    rec.BEGIN, stream.key, ev.utterance,
+                    rec.BEGIN,
+                    stream.key,
+                    ev.utterance,
                     self._enc.encode(rec.UtteranceBegin(stream.interim_ms)),
                 )
-                conn.send(p.Speech(
-                    stream=stream.id, event="start", at_ms=ev.at_ms, utterance=ev.utterance
-                ))
+                conn.send(
+                    p.Speech(
+                        stream=stream.id, event="start", at_ms=ev.at_ms, utterance=ev.utterance
+                    )
+                )
                 self.counters["utterances"] += 1
             elif t is SpeechEnd:
                 stream.open_utterance = 0
@@ -497,10 +509,16 @@ class Ingress:
                 if utt is not None:
                     utt.end_ms = ev.at_ms
                 self.push(rec.END, stream.key, ev.utterance, b"")
-                conn.send(p.Speech(
-                    stream=stream.id, event="end", at_ms=ev.at_ms, utterance=ev.utterance,
-                    reason=ev.reason, confidence=round(ev.confidence, 3),
-                ))
+                conn.send(
+                    p.Speech(
+                        stream=stream.id,
+                        event="end",
+                        at_ms=ev.at_ms,
+                        utterance=ev.utterance,
+                        reason=ev.reason,
+                        confidence=round(ev.confidence, 3),
+                    )
+                )
 
     def finish_stream(self, stream: Stream, reason: str) -> None:
         """End of the stream's audio: cut the open utterance; close after the last final."""
@@ -572,7 +590,8 @@ class Ingress:
             self.paused = True
             log.warning(
                 "audio ring of lane %d full and %d bytes waiting: pausing client reads",
-                self.lane, self.backlog_bytes,
+                self.lane,
+                self.backlog_bytes,
             )
             for conn in self.connections:
                 if conn.transport is not None:
@@ -630,9 +649,9 @@ class Ingress:
         if kind == rec.PARTIAL:
             if stream.interim_ms >= 0 and r.seq in stream.pending:
                 part = self._partial_dec.decode(r.payload)
-                conn.send(p.Partial(
-                    stream=stream.id, utterance=r.seq, text=part.text, seq=part.audio_seq
-                ))
+                conn.send(
+                    p.Partial(stream=stream.id, utterance=r.seq, text=part.text, seq=part.audio_seq)
+                )
         elif kind == rec.FINAL:
             utt = stream.pending.pop(r.seq, None)
             if utt is None:
@@ -641,24 +660,30 @@ class Ingress:
             start = utt.start_ms
             end = utt.end_ms if utt.end_ms >= 0 else stream.vad.position_ms
             words = (
-                [p.Word(w.word, start + w.start_ms, start + w.end_ms, round(w.confidence, 4))
-                 for w in res.words]
+                [
+                    p.Word(w.word, start + w.start_ms, start + w.end_ms, round(w.confidence, 4))
+                    for w in res.words
+                ]
                 if res.words is not None
                 else None
             )
-            conn.send(p.Final(
-                stream=stream.id, utterance=r.seq, text=res.text, start_ms=start, end_ms=end,
-                words=words,
-                confidence=round(res.confidence, 4) if res.confidence is not None else None,
-            ))
+            conn.send(
+                p.Final(
+                    stream=stream.id,
+                    utterance=r.seq,
+                    text=res.text,
+                    start_ms=start,
+                    end_ms=end,
+                    words=words,
+                    confidence=round(res.confidence, 4) if res.confidence is not None else None,
+                )
+            )
             self.counters["finals"] += 1
             self.maybe_close(stream)
         elif kind == rec.FAILED:
             err = self._error_dec.decode(r.payload)
             stream.pending.pop(r.seq, None)
-            self.stream_error(
-                conn, stream.id, err.code, f"utterance {r.seq}: {err.message}"
-            )
+            self.stream_error(conn, stream.id, err.code, f"utterance {r.seq}: {err.message}")
             self.abandon(stream)
             self.check_drained()
 
@@ -671,7 +696,9 @@ class Ingress:
             failed += 1
             numbers = ", ".join(map(str, sorted(stream.pending)))
             self.stream_error(
-                stream.conn, stream.id, p.ErrorCode.WORKER_RESTARTED,
+                stream.conn,
+                stream.id,
+                p.ErrorCode.WORKER_RESTARTED,
                 f"the inference worker of lane {self.lane} stopped while utterance(s) "
                 f"{numbers} were in flight; the stream is closed: start a new one",
             )

@@ -25,8 +25,13 @@ class LaneFds(msgspec.Struct, kw_only=True):
     result_space: tuple[int, int]  # ingress -> infer: space in the result ring
 
     def all(self) -> list[int]:
-        return sorted({fd for pair in (self.audio_data, self.audio_space, self.result_data,
-                                       self.result_space) for fd in pair})
+        return sorted(
+            {
+                fd
+                for pair in (self.audio_data, self.audio_space, self.result_data, self.result_space)
+                for fd in pair
+            }
+        )
 
 
 class WorkerSpec(msgspec.Struct, kw_only=True):
