@@ -6,14 +6,25 @@ field path, the value found and what is allowed.
 
 from __future__ import annotations
 
+import difflib
+import json
+import math
 import os
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import date, datetime, time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect as mi
 from msgspec import Meta
 
 from daemon.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ipc.protocol import VadOverrides
 
 SAMPLE_RATES = (8000, 16000, 32000, 48000)
 
@@ -81,7 +92,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     runtime_dir: str = ""  # "" = $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/asrd or /tmp/asrd-<uid>
     socket: str = ""  # "" = <runtime_dir>/asrd.sock
     control_socket: str = ""  # "" = <runtime_dir>/control.sock
-    socket_mode: Annotated[int, Meta(ge=0, le=0o777)] = 0o660
+    # extra octal: error messages show the value and bounds as 0o... like the TOML is written.
+    socket_mode: Annotated[int, Meta(ge=0, le=0o777, extra={"octal": True})] = 0o660
     lanes: Literal["auto"] | Annotated[int, Meta(ge=1, le=256)] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_timeout_s: Annotated[float, Meta(gt=0.0, le=3600.0)] = 15.0
@@ -128,9 +140,406 @@ def load_config(path: str | Path | None) -> Config:
 
 
 def parse_config(data: bytes | str, source: str = "<config>") -> Config:
+    """Decode and validate TOML text; every problem is a :class:`ConfigError` naming ``source``."""
+    if isinstance(data, bytes):
+        try:
+            # utf-8-sig: tolerate a BOM written by some Windows editors.
+            data = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{source}: not valid TOML: not UTF-8 (byte {exc.start}: {exc.reason})"
+            ) from exc
     try:
-        return msgspec.toml.decode(data, type=Config)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
-    except msgspec.DecodeError as exc:
+        raw = tomllib.loads(data)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message ends with "(at line L, column C)".
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_explain(exc, raw, Config)}") from exc
+    problems = _cross_field_problems(cfg)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+    return cfg
+
+
+def vad_with_overrides(
+    base: VadConfig,
+    overrides: VadOverrides | None,
+    *,
+    limits: LimitsConfig | None = None,
+) -> VadConfig:
+    """Apply a client's per-stream VAD overrides (fields that are not ``None``) to ``base``.
+
+    The result is validated with the same rules and messages as the config file, with field
+    paths ``vad.<name>`` and no file name, so the ingress worker can put the message on the wire.
+    Given ``limits``, ``vad.max_utterance_s`` is also checked against
+    ``limits.max_pending_audio_s``.
+    """
+    if overrides is None:
+        return base
+    changes = {k: v for k, v in msgspec.structs.asdict(overrides).items() if v is not None}
+    if not changes:
+        return base
+    data = msgspec.to_builtins(base)
+    data.update(changes)
+    try:
+        # strict: a client's 1.0 for an integer field or "30" for frame_ms is an error, as in TOML.
+        vad = msgspec.convert(data, VadConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, data, VadConfig, prefix=("vad",))) from exc
+    problems = _vad_problems(vad)
+    if limits is not None:
+        problems += _pending_audio_problems(vad, limits)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return vad
+
+
+def config_to_toml_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain TOML-ready builtins (for ``asrd check-config --print``).
+
+    Fields that are ``None`` are left out: TOML has no null, and leaving a key out means the same.
+    """
+    out = msgspec.to_builtins(cfg)
+    assert isinstance(out, dict)
+    return _drop_none(out)
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+
+# --- cross-field rules --------------------------------------------------------------------------
+# Each rule is something the types alone cannot say; each message names every field involved.
+
+# Linux sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+_SUN_PATH_MAX = 107
+
+
+def _cross_field_problems(cfg: Config) -> list[str]:
+    p: list[str] = []
+    emb = cfg.backend.embedded
+    # The pool is created with `decoders` and grows up to `max_decoders`; a cap below the
+    # initial size cannot be honoured.
+    if emb.max_decoders < emb.decoders:
+        p.append(
+            f"backend.embedded.max_decoders = {emb.max_decoders}: must be >= "
+            f"backend.embedded.decoders ({emb.decoders})"
+        )
+    # A worker must be able to miss one heartbeat (scheduling jitter, a GC pause) without
+    # being killed, so the timeout spans more than two intervals.
+    if not cfg.heartbeat_timeout_s > 2 * cfg.heartbeat_interval_s:
+        p.append(
+            f"heartbeat_timeout_s = {_toml_value(cfg.heartbeat_timeout_s)}: must be more than "
+            f"2 * heartbeat_interval_s (2 * {_fmt(cfg.heartbeat_interval_s)})"
+        )
+    # Backoff doubles from the initial value and is capped at the maximum.
+    if cfg.restart.backoff_max_s < cfg.restart.backoff_initial_s:
+        p.append(
+            f"restart.backoff_max_s = {_toml_value(cfg.restart.backoff_max_s)}: must be >= "
+            f"restart.backoff_initial_s ({_fmt(cfg.restart.backoff_initial_s)})"
+        )
+    p += _vad_problems(cfg.vad)
+    p += _pending_audio_problems(cfg.vad, cfg.limits)
+    # One connection can never hold more streams than the whole daemon admits.
+    lim = cfg.limits
+    if lim.max_streams_per_connection > lim.max_streams:
+        p.append(
+            f"limits.max_streams_per_connection = {lim.max_streams_per_connection}: must be <= "
+            f"limits.max_streams ({lim.max_streams})"
+        )
+    # Ring records are aligned to 8 bytes; a capacity that is not a multiple of 8 would leave
+    # a tail no record can use and break the wrap-around arithmetic.
+    for name in ("audio_bytes", "result_bytes"):
+        size = getattr(cfg.ring, name)
+        if size % 8:
+            p.append(f"ring.{name} = {size}: must be a multiple of 8")
+    p += _socket_problems(cfg)
+    return p
+
+
+def _vad_problems(vad: VadConfig) -> list[str]:
+    p: list[str] = []
+    # A window shorter than one frame holds no frame at all, so its share is undefined.
+    for name in ("start_window_ms", "end_window_ms"):
+        window = getattr(vad, name)
+        if window < vad.frame_ms:
+            p.append(f"vad.{name} = {window}: must be >= vad.frame_ms ({vad.frame_ms})")
+    # A forced cut at max_utterance_s yields utterances of that length; if they were still
+    # shorter than min_speech_ms every utterance would be discarded.
+    if vad.min_speech_ms > vad.max_utterance_s * 1000:
+        p.append(
+            f"vad.min_speech_ms = {vad.min_speech_ms}: must be <= vad.max_utterance_s * 1000 "
+            f"({_fmt(vad.max_utterance_s * 1000)})"
+        )
+    return p
+
+
+def _pending_audio_problems(vad: VadConfig, limits: LimitsConfig) -> list[str]:
+    # The audio of an unfinished utterance is kept for replay after a backend failure; an
+    # utterance longer than that budget could not be replayed whole.
+    if vad.max_utterance_s > limits.max_pending_audio_s:
+        return [
+            f"vad.max_utterance_s = {_toml_value(vad.max_utterance_s)}: must be <= "
+            f"limits.max_pending_audio_s ({_fmt(limits.max_pending_audio_s)})"
+        ]
+    return []
+
+
+def _socket_problems(cfg: Config) -> list[str]:
+    p: list[str] = []
+    sock, ctl = cfg.socket_path(), cfg.control_socket_path()
+    if sock == ctl:
+        p.append(
+            f"control_socket = {_toml_value(cfg.control_socket)}: must differ from socket "
+            f"({_toml_value(str(sock))})"
+        )
+    # bind() fails late and obscurely on an over-long path; say so at load time. Paths derived
+    # from the environment ($XDG_RUNTIME_DIR) are not the config's fault and are left to bind().
+    for name, path, default_name in (
+        ("socket", sock, "asrd.sock"),
+        ("control_socket", ctl, "control.sock"),
+    ):
+        size = len(os.fsencode(path))
+        if size <= _SUN_PATH_MAX:
+            continue
+        if getattr(cfg, name):
+            p.append(
+                f"{name} = {_toml_value(getattr(cfg, name))}: must be at most {_SUN_PATH_MAX} "
+                f"bytes (a Unix socket path limit), is {size}"
+            )
+        elif cfg.runtime_dir:
+            p.append(
+                f"runtime_dir = {_toml_value(cfg.runtime_dir)}: too long for the socket path "
+                f"<runtime_dir>/{default_name} ({size} bytes, a Unix socket path allows "
+                f"{_SUN_PATH_MAX})"
+            )
+    return p
+
+
+# --- turning a msgspec ValidationError into a message about the TOML --------------------------
+
+_AT = " - at `"
+_UNKNOWN = "Object contains unknown field `"
+_MISSING = "Object missing required field `"
+_PATH_TOKEN = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_MAX_VALUE_CHARS = 80
+_MISSING_VALUE = object()
+
+
+def _explain(
+    exc: msgspec.ValidationError,
+    data: Mapping[str, Any],
+    root: type[msgspec.Struct],
+    prefix: tuple[str | int, ...] = (),
+) -> str:
+    """Describe a validation error in TOML terms: field path, value as written, what is allowed.
+
+    msgspec reports only the first error, as ``<what> - at `$.a.b```; we keep the path, look the
+    value up in the decoded data and describe the allowed values from the field's type.
+    """
+    text = str(exc)
+    what, sep, at = text.rpartition(_AT)
+    if sep and at.startswith("$") and at.endswith("`"):
+        path_text = at[:-1]
+    else:
+        what, path_text = text, "$"
+    path = _parse_path(path_text)
+    if path is None:
+        return text  # a path we cannot follow: msgspec's own words are still accurate
+    node_type = _type_at(mi.type_info(root), path)
+    full = prefix + path
+
+    if what.startswith(_UNKNOWN) and what.endswith("`"):
+        name = what[len(_UNKNOWN) : -1]
+        key = _key_path((*full, name))
+        if isinstance(node_type, mi.StructType):
+            allowed = [f.encode_name for f in node_type.fields]
+            hint = difflib.get_close_matches(name, allowed, n=1)
+            did_you_mean = f"; did you mean {_key_path((*full, hint[0]))}?" if hint else ""
+            where = f" in [{_key_path(full)}]" if full else ""
+            return f"unknown field {key} (allowed{where}: {', '.join(allowed)}){did_you_mean}"
+        return f"unknown field {key}"
+    if what.startswith(_MISSING) and what.endswith("`"):
+        name = what[len(_MISSING) : -1]
+        return f"missing required field {_key_path((*full, name))}"
+
+    value = _lookup(data, path)
+    octal = _is_octal(node_type)
+    shown = "" if value is _MISSING_VALUE else f" = {_toml_value(value, octal=octal)}"
+    if node_type is None:
+        return f"{_key_path(full)}{shown}: {what}"
+    return f"{_key_path(full) or '<top level>'}{shown}: must be {_allowed(node_type, full)}"
+
+
+def _parse_path(text: str) -> tuple[str | int, ...] | None:
+    if not text.startswith("$"):
+        return None
+    rest = text[1:]
+    out: list[str | int] = []
+    pos = 0
+    while pos < len(rest):
+        m = _PATH_TOKEN.match(rest, pos)
+        if m is None:
+            return None
+        out.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
+        pos = m.end()
+    return tuple(out)
+
+
+def _type_at(t: mi.Type, path: tuple[str | int, ...]) -> mi.Type | None:
+    for seg in path:
+        t = _strip_optional(t)
+        if isinstance(t, mi.StructType) and isinstance(seg, str):
+            fields = {f.encode_name: f.type for f in t.fields}
+            if seg not in fields:
+                return None
+            t = fields[seg]
+        elif isinstance(t, mi.ListType | mi.VarTupleType | mi.SetType) and isinstance(seg, int):
+            t = t.item_type
+        elif isinstance(t, mi.DictType) and isinstance(seg, str):
+            t = t.value_type
+        else:
+            return None
+    return t
+
+
+def _strip_optional(t: mi.Type) -> mi.Type:
+    if isinstance(t, mi.Metadata):
+        t = t.type
+    if isinstance(t, mi.UnionType):
+        rest = [x for x in t.types if not isinstance(x, mi.NoneType)]
+        if len(rest) == 1:
+            return rest[0]
+    return t
+
+
+def _lookup(data: Any, path: tuple[str | int, ...]) -> Any:
+    for seg in path:
+        try:
+            data = data[seg]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING_VALUE
+    return data
+
+
+def _key_path(path: tuple[str | int, ...]) -> str:
+    out = ""
+    for seg in path:
+        if isinstance(seg, int):
+            out += f"[{seg}]"
+        else:
+            key = seg if _BARE_KEY.match(seg) else json.dumps(seg, ensure_ascii=False)
+            out += f".{key}" if out else key
+    return out
+
+
+def _is_octal(t: mi.Type | None) -> bool:
+    return isinstance(t, mi.Metadata) and bool((t.extra or {}).get("octal"))
+
+
+def _toml_value(v: Any, *, octal: bool = False) -> str:
+    """Render a decoded value the way it would be written in TOML."""
+    if isinstance(v, bool):
+        text = "true" if v else "false"
+    elif isinstance(v, int):
+        text = oct(v) if octal and v >= 0 else str(v)
+    elif isinstance(v, float):
+        text = _fmt_float(v)
+    elif isinstance(v, str):
+        text = json.dumps(v, ensure_ascii=False)
+    elif isinstance(v, datetime | date | time):
+        text = v.isoformat()
+    elif isinstance(v, list):
+        text = "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    elif isinstance(v, dict):
+        inner = ", ".join(f"{_key_path((k,))} = {_toml_value(x)}" for k, x in v.items())
+        text = "{ " + inner + " }" if inner else "{}"
+    else:
+        text = repr(v)
+    if len(text) > _MAX_VALUE_CHARS:
+        text = text[: _MAX_VALUE_CHARS - 3] + "..."
+    return text
+
+
+def _fmt_float(x: float) -> str:
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return repr(x)
+
+
+def _fmt(x: float) -> str:
+    """A bound or computed number, without a pointless ".0"."""
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return _fmt_float(x) if isinstance(x, float) else str(x)
+
+
+def _bounds(t: mi.IntType | mi.FloatType, octal: bool = False) -> str:
+    def fmt(x: float) -> str:
+        return oct(x) if octal and isinstance(x, int) and x >= 0 else _fmt(x)
+
+    if t.ge is not None and t.le is not None:
+        parts = [f"from {fmt(t.ge)} to {fmt(t.le)}"]
+    else:
+        parts = [
+            f"{op} {fmt(bound)}"
+            for op, bound in ((">", t.gt), (">=", t.ge), ("<", t.lt), ("<=", t.le))
+            if bound is not None
+        ]
+    if t.multiple_of is not None:
+        parts.append(f"a multiple of {fmt(t.multiple_of)}")
+    return " and ".join(parts)
+
+
+def _allowed(t: mi.Type, path: tuple[str | int, ...], octal: bool = False) -> str:
+    """What a field of type ``t`` accepts, in words, derived from the type annotations."""
+    if isinstance(t, mi.Metadata):
+        return _allowed(t.type, path, octal=_is_octal(t))
+    if isinstance(t, mi.BoolType):
+        return "true or false"
+    if isinstance(t, mi.IntType | mi.FloatType):
+        noun = "an integer" if isinstance(t, mi.IntType) else "a number"
+        bounds = _bounds(t, octal)
+        return f"{noun} {bounds}" if bounds else noun
+    if isinstance(t, mi.StrType):
+        parts = []
+        if t.min_length is not None:
+            parts.append(f"at least {t.min_length} characters")
+        if t.max_length is not None:
+            parts.append(f"at most {t.max_length} characters")
+        if t.pattern is not None:
+            parts.append(f"matching {t.pattern}")
+        return "a string" + (" " + " and ".join(parts) if parts else "")
+    if isinstance(t, mi.LiteralType):
+        values = [_toml_value(v) for v in t.values]
+        return values[0] if len(values) == 1 else "one of " + ", ".join(values)
+    if isinstance(t, mi.UnionType):
+        # TOML has no null: a None member means "leave the key out", said separately.
+        members = [x for x in t.types if not isinstance(x, mi.NoneType)]
+        words = [_allowed(x, path) for x in members]
+        text = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+        if len(members) < len(t.types):
+            text += " (or left out)"
+        return text
+    if isinstance(t, mi.StructType):
+        return f"a table [{_key_path(path)}]" if path else "a table"
+    if isinstance(t, mi.ListType | mi.VarTupleType | mi.SetType):
+        return f"an array of {_plural(_allowed(t.item_type, path))}"
+    if isinstance(t, mi.DictType):
+        return f"a table of {_plural(_allowed(t.value_type, path))}"
+    if isinstance(t, mi.AnyType):
+        return "any value"
+    return type(t).__name__.removesuffix("Type").lower()
+
+
+def _plural(words: str) -> str:
+    for article in ("an ", "a "):
+        if words.startswith(article):
+            return words[len(article) :]
+    return words

@@ -1,7 +1,8 @@
 """Client protocol messages (msgspec tagged unions, tag field ``type``).
 
 The wire format and every message and error code are documented in ``docs/protocol.md``;
-change both together. Unknown fields are ignored (forward compatible); wrong types are errors.
+change both together. Unknown fields are ignored (forward compatible), except inside ``vad``
+where a misspelt setting must not pass silently; wrong types are errors.
 """
 
 from __future__ import annotations

@@ -403,7 +403,9 @@ class Ingress:
             self.stream_error(conn, sid, code, text)
             return
         try:
-            vad_cfg: VadConfig = vad_with_overrides(self.config.vad, msg.vad)
+            vad_cfg: VadConfig = vad_with_overrides(
+                self.config.vad, msg.vad, limits=self.config.limits
+            )
         except ConfigError as exc:
             self.stream_error(conn, sid, p.ErrorCode.INVALID_MESSAGE, f"vad: {exc}")
             return
