@@ -281,13 +281,18 @@ class Supervisor:
         now = time.monotonic()
         slot.pid = 0
         how = describe_status(status)
+        if slot.role == "infer":
+            # Utterances the dead worker held are lost; the lane's ingress tells their streams
+            # (during a drain too, so the drain does not wait for finals that cannot come).
+            # Only a serving ingress has its handler installed (SIGUSR1 would kill one starting).
+            ingress = self.slots[slot_index("ingress", slot.lane)]
+            if ingress.pid and ingress.state == SlotState.RUNNING:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(ingress.pid, signal.SIGUSR1)
         if self.state == "draining":
             slot.state = SlotState.STOPPED
-            level = (
-                logging.INFO
-                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-                else (logging.WARNING)
-            )
+            clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            level = logging.INFO if clean else logging.WARNING
             log.log(level, "%s lane %d %s", slot.role, slot.lane, how)
             return
         ran = now - slot.started_at
@@ -306,12 +311,6 @@ class Supervisor:
             delay,
             slot.restarts,
         )
-        if slot.role == "infer":
-            # Utterances the dead worker held are lost; the lane's ingress tells their streams.
-            ingress = self.slots[slot_index("ingress", slot.lane)]
-            if ingress.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(ingress.pid, signal.SIGUSR1)
 
     def check_workers(self) -> None:
         assert self.table is not None

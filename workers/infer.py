@@ -39,7 +39,7 @@ BATCH = 64
 log = logging.getLogger("asrd.infer")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Utterance:
     key: int
     number: int
