@@ -1,0 +1,272 @@
+"""pocketsphinx in the infer worker: a bounded pool of decoders, one per open utterance.
+
+Pool: ``EmbeddedConfig.decoders`` decoders (at most ``max_decoders``) are created with the
+backend; ``begin()`` takes a free one, creates another while fewer than ``max_decoders`` exist,
+and raises :class:`~workers.backends.base.BackendBusy` beyond that. Decoders live as long as the
+backend (creating one costs 0.25-0.5 s and about 91 MiB) and are reused across utterances and
+streams. pocketsphinx adapts its cepstral mean normalisation (CMN) to what it hears, so a
+reused decoder would decode differently depending on what other streams said before it. The
+CMN of a fresh decoder is read once and set again at every ``start_utt``: every utterance
+starts from the same state and gets the transcript a fresh decoder would give.
+
+Results: the text is pocketsphinx's hypothesis. Word timings come from its segmentation (10 ms
+frames, relative to the utterance's first sample), without ``<s>``, ``</s>``, ``<sil>`` and
+fillers such as ``[NOISE]``, and with pronunciation variants (``word(2)``) folded. A word's
+confidence is its posterior probability in the lattice. The utterance's confidence comes from
+the hypothesis probability, the lattice posterior of the whole word sequence; that shrinks
+geometrically with the number of words (1e-11 for the 24-word hypothesis of librivox-0870), so
+its n-th root over the n words is reported: a per-word geometric mean in 0..1, or None when no
+word was recognised.
+
+Threading model: see :mod:`workers.backends.base`; a lock guards the pool, and decoders are
+created outside it. Cost (thread CPU time on the 2-core dev VM, on the shared speech): ``feed``
+of 100 ms takes 10-15 ms; ``partial`` next to nothing (``feed`` keeps the hypothesis current);
+``end`` about 0.25 s for a 3-7 s sentence, almost all of it pocketsphinx's second, flat-lexicon
+pass over the whole utterance (37 ms without it), which is also why the final may differ from
+the last partial; ``begin`` 0.3 ms with a free decoder, 0.25-0.5 s when it must create one.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pocketsphinx import Decoder
+
+from daemon.config import EmbeddedConfig
+from workers.backends.base import (
+    BYTES_PER_MS,
+    SAMPLE_RATE,
+    Backend,
+    BackendBusy,
+    BackendError,
+    Transcript,
+    WordTiming,
+)
+
+# pocketsphinx raises these for bad models, bad audio or calls out of order.
+_PS_ERRORS = (RuntimeError, ValueError, OSError)
+
+
+def decoder_options(config: EmbeddedConfig) -> dict[str, Any]:
+    """Keyword arguments for ``pocketsphinx.Decoder``: the shipped model unless configured."""
+    options: dict[str, Any] = {"samprate": SAMPLE_RATE, "loglevel": "ERROR"}
+    for name in ("hmm", "dict", "lm"):
+        value = getattr(config, name)
+        if value:
+            options[name] = value
+    if config.beam is not None:
+        options["beam"] = config.beam
+    return options
+
+
+def _new_decoder(options: dict[str, Any]) -> Decoder:
+    try:
+        return Decoder(**options)
+    except _PS_ERRORS as exc:
+        raise BackendError(f"cannot create a pocketsphinx decoder: {exc}") from exc
+
+
+def _hypothesis(decoder: Decoder) -> str:
+    hyp = decoder.hyp()
+    return hyp.hypstr if hyp is not None else ""
+
+
+def transcribe_direct(pcm: bytes, config: EmbeddedConfig) -> str:
+    """Decode 16 kHz s16le mono audio with a fresh decoder, the backend's settings, one call.
+
+    The reference the daemon's output is compared to: the backend feeds the same decoder
+    settings in the chunks it receives (about 100 ms), and a pooled decoder starts from a fresh
+    decoder's normalisation state; on the shared speech, chunked and one-call decodes agree.
+    """
+    decoder = _new_decoder(decoder_options(config))
+    try:
+        decoder.start_utt()
+        decoder.process_raw(pcm, False, False)
+        decoder.end_utt()
+    except _PS_ERRORS as exc:
+        raise BackendError(f"pocketsphinx failed: {exc}") from exc
+    return _hypothesis(decoder)
+
+
+class _Utterance:
+    __slots__ = ("bytes", "decoder")
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.bytes = 0
+
+
+class EmbeddedBackend(Backend):
+    name = "embedded"
+
+    def __init__(self, config: EmbeddedConfig | None = None) -> None:
+        config = config or EmbeddedConfig()
+        self._options = decoder_options(config)
+        self._max = config.max_decoders
+        self._lock = threading.Lock()
+        self._free: list[Decoder] = []
+        self._open: dict[int, _Utterance | None] = {}  # None: begin() is still starting it
+        self._decoders = 0  # created (or being created) and not dropped
+        self._cmn = ""  # a fresh decoder's cepstral mean, restored at every utterance
+        self._frame_ms = 10
+        self._closed = False
+        self._ended = 0
+        self._cancelled = 0
+        self._refused = 0
+        self._errors = 0
+        self._audio_bytes = 0
+        for _ in range(min(config.decoders, self._max)):
+            self._free.append(self._create())
+            self._decoders += 1
+
+    def _create(self) -> Decoder:
+        decoder = _new_decoder(self._options)
+        if not self._cmn:
+            self._cmn = decoder.get_cmn()
+            self._frame_ms = 1000 // int(decoder.config["frate"])
+        return decoder
+
+    # --- utterances -------------------------------------------------------------------------
+
+    def begin(self, key: int) -> None:
+        with self._lock:
+            if self._closed:
+                raise BackendError("backend is closed")
+            if key in self._open:
+                raise BackendError(f"stream {key} already has an open utterance")
+            decoder = self._free.pop() if self._free else None
+            if decoder is None:
+                if self._decoders >= self._max:
+                    self._refused += 1
+                    raise BackendBusy(f"all {self._max} decoders are in use")
+                self._decoders += 1  # reserve the slot; create outside the lock
+            self._open[key] = None
+        try:
+            if decoder is None:
+                decoder = self._create()
+            decoder.set_cmn(self._cmn)
+            decoder.start_utt()
+        except (*_PS_ERRORS, BackendError) as exc:
+            with self._lock:
+                self._open.pop(key, None)
+                self._decoders -= 1  # a decoder in an unknown state is not reused
+                self._errors += 1
+            if isinstance(exc, BackendError):
+                raise
+            raise BackendError(f"pocketsphinx failed to start an utterance: {exc}") from exc
+        with self._lock:
+            if key in self._open:  # not closed meanwhile
+                self._open[key] = _Utterance(decoder)
+
+    def feed(self, key: int, pcm: bytes) -> None:
+        utt = self._get(key)
+        try:
+            utt.decoder.process_raw(pcm, False, False)
+        except _PS_ERRORS as exc:
+            raise BackendError(f"pocketsphinx failed on audio of stream {key}: {exc}") from exc
+        utt.bytes += len(pcm)
+
+    def partial(self, key: int) -> str:
+        return _hypothesis(self._get(key).decoder)
+
+    def end(self, key: int) -> Transcript:
+        utt = self._pop(key)
+        if utt is None:
+            raise BackendError(f"stream {key} has no open utterance")
+        decoder = utt.decoder
+        try:
+            decoder.end_utt()
+            transcript = self._transcript(decoder)
+        except _PS_ERRORS as exc:
+            self._drop()
+            raise BackendError(f"pocketsphinx failed to finish stream {key}: {exc}") from exc
+        with self._lock:
+            self._ended += 1
+            self._audio_bytes += utt.bytes
+            self._release(decoder)
+        return transcript
+
+    def cancel(self, key: int) -> None:
+        utt = self._pop(key)
+        if utt is None:
+            return
+        decoder = utt.decoder
+        try:
+            decoder.end_utt()  # a decoder must leave its utterance before the next start_utt
+        except _PS_ERRORS:
+            self._drop()
+            return
+        with self._lock:
+            self._cancelled += 1
+            self._release(decoder)
+
+    def _transcript(self, decoder: Decoder) -> Transcript:
+        hyp = decoder.hyp()
+        if hyp is None:
+            return Transcript("", [], None)
+        fm = self._frame_ms
+        words = []
+        for seg in decoder.seg() or ():
+            word = seg.word
+            if word[0] in "<[+":  # <s> </s> <sil>, fillers: [NOISE], ++NOISE++ in older models
+                continue
+            if word[-1] == ")":  # a pronunciation variant: word(2)
+                word = word[: word.rindex("(")]
+            confidence = min(1.0, max(0.0, seg.prob))
+            words.append(
+                WordTiming(word, seg.start_frame * fm, (seg.end_frame + 1) * fm, confidence)
+            )
+        confidence = min(1.0, hyp.prob ** (1.0 / len(words))) if words else None
+        return Transcript(hyp.hypstr, words, confidence)
+
+    # --- pool -------------------------------------------------------------------------------
+
+    def _get(self, key: int) -> _Utterance:
+        utt = self._open.get(key)
+        if utt is None:
+            raise BackendError(f"stream {key} has no open utterance")
+        return utt
+
+    def _pop(self, key: int) -> _Utterance | None:
+        with self._lock:
+            utt = self._open.get(key)
+            if utt is not None:
+                del self._open[key]
+            return utt
+
+    def _release(self, decoder: Decoder) -> None:
+        """Back to the free list (caller holds the lock), unless the backend was closed."""
+        if not self._closed:
+            self._free.append(decoder)
+
+    def _drop(self) -> None:
+        """Forget a decoder that failed: it is not reused; a new one may be created."""
+        with self._lock:
+            self._errors += 1
+            if not self._closed:  # close() already forgot every decoder
+                self._decoders -= 1
+
+    def active(self) -> int:
+        return len(self._open)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "active": len(self._open),
+                "decoders": self._decoders,
+                "free": len(self._free),
+                "max_decoders": self._max,
+                "utterances": self._ended,
+                "cancelled": self._cancelled,
+                "busy": self._refused,
+                "errors": self._errors,
+                "audio_ms": self._audio_bytes // BYTES_PER_MS,
+            }
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._free.clear()
+            self._open.clear()
+            self._decoders = 0
