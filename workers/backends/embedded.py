@@ -4,10 +4,13 @@ Pool: ``EmbeddedConfig.decoders`` decoders (at most ``max_decoders``) are create
 backend; ``begin()`` takes a free one, creates another while fewer than ``max_decoders`` exist,
 and raises :class:`~workers.backends.base.BackendBusy` beyond that. Decoders live as long as the
 backend (creating one costs 0.25-0.5 s and about 91 MiB) and are reused across utterances and
-streams. pocketsphinx adapts its cepstral mean normalisation (CMN) to what it hears, so a
-reused decoder would decode differently depending on what other streams said before it. The
-CMN of a fresh decoder is read once and set again at every ``start_utt``: every utterance
-starts from the same state and gets the transcript a fresh decoder would give.
+streams. pocketsphinx adapts its feature normalisation (the live cepstral mean and its running
+statistics) to what it hears, so a reused decoder would decode differently depending on what
+other streams said before it. ``reinit_feat()`` before every ``start_utt`` (about 0.1 ms) puts
+the feature pipeline back to its configured initial state (``cmn_init``): every utterance gets
+the transcript a fresh decoder would give. Restoring only the mean with ``set_cmn`` is not
+enough: the statistics behind it carry over (measured: one of the five LibriVox transcripts
+changed).
 
 Results: the text is pocketsphinx's hypothesis. Word timings come from its segmentation (10 ms
 frames, relative to the utterance's first sample), without ``<s>``, ``</s>``, ``<sil>`` and
@@ -57,6 +60,9 @@ def decoder_options(config: EmbeddedConfig) -> dict[str, Any]:
             options[name] = value
     if config.beam is not None:
         options["beam"] = config.beam
+    if config.cmn_init:
+        options["cmninit"] = config.cmn_init
+    options["fwdflat"] = config.fwdflat
     return options
 
 
@@ -72,17 +78,38 @@ def _hypothesis(decoder: Decoder) -> str:
     return hyp.hypstr if hyp is not None else ""
 
 
-def transcribe_direct(pcm: bytes, config: EmbeddedConfig) -> str:
-    """Decode 16 kHz s16le mono audio with a fresh decoder, the backend's settings, one call.
+# pocketsphinx's live cepstral-mean update runs per process_raw() call, so its output depends on
+# how the audio is cut into calls. Feeding fixed 100 ms blocks (the remainder at the utterance's
+# end) makes a transcript independent of client chunk sizes and VAD cut points.
+BLOCK_BYTES = 3200
 
-    The reference the daemon's output is compared to: the backend feeds the same decoder
-    settings in the chunks it receives (about 100 ms), and a pooled decoder starts from a fresh
-    decoder's normalisation state; on the shared speech, chunked and one-call decodes agree.
+
+def _feed_blocks(decoder: Decoder, pending: bytearray, final: bool) -> None:
+    """Feed every whole block of ``pending`` (and the rest when ``final``), then drop them."""
+    whole = len(pending) - len(pending) % BLOCK_BYTES
+    if whole:
+        view = memoryview(pending)
+        try:
+            for off in range(0, whole, BLOCK_BYTES):
+                decoder.process_raw(view[off : off + BLOCK_BYTES], False, False)
+        finally:
+            view.release()
+        del pending[:whole]
+    if final and pending:
+        decoder.process_raw(bytes(pending), False, False)
+        pending.clear()
+
+
+def transcribe_direct(pcm: bytes, config: EmbeddedConfig) -> str:
+    """Decode 16 kHz s16le mono audio with a fresh decoder and the backend's settings.
+
+    The reference the daemon's output is compared to: the same decoder options, the same
+    initial normalisation state, and the same fixed-block feeding as :class:`EmbeddedBackend`.
     """
     decoder = _new_decoder(decoder_options(config))
     try:
         decoder.start_utt()
-        decoder.process_raw(pcm, False, False)
+        _feed_blocks(decoder, bytearray(pcm), final=True)
         decoder.end_utt()
     except _PS_ERRORS as exc:
         raise BackendError(f"pocketsphinx failed: {exc}") from exc
@@ -90,11 +117,12 @@ def transcribe_direct(pcm: bytes, config: EmbeddedConfig) -> str:
 
 
 class _Utterance:
-    __slots__ = ("bytes", "decoder")
+    __slots__ = ("bytes", "decoder", "pending")
 
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
         self.bytes = 0
+        self.pending = bytearray()  # audio short of a whole block
 
 
 class EmbeddedBackend(Backend):
@@ -108,7 +136,6 @@ class EmbeddedBackend(Backend):
         self._free: list[Decoder] = []
         self._open: dict[int, _Utterance | None] = {}  # None: begin() is still starting it
         self._decoders = 0  # created (or being created) and not dropped
-        self._cmn = ""  # a fresh decoder's cepstral mean, restored at every utterance
         self._frame_ms = 10
         self._closed = False
         self._ended = 0
@@ -122,9 +149,7 @@ class EmbeddedBackend(Backend):
 
     def _create(self) -> Decoder:
         decoder = _new_decoder(self._options)
-        if not self._cmn:
-            self._cmn = decoder.get_cmn()
-            self._frame_ms = 1000 // int(decoder.config["frate"])
+        self._frame_ms = 1000 // int(decoder.config["frate"])
         return decoder
 
     # --- utterances -------------------------------------------------------------------------
@@ -145,7 +170,7 @@ class EmbeddedBackend(Backend):
         try:
             if decoder is None:
                 decoder = self._create()
-            decoder.set_cmn(self._cmn)
+            decoder.reinit_feat()
             decoder.start_utt()
         except (*_PS_ERRORS, BackendError) as exc:
             with self._lock:
@@ -161,8 +186,9 @@ class EmbeddedBackend(Backend):
 
     def feed(self, key: int, pcm: bytes) -> None:
         utt = self._get(key)
+        utt.pending += pcm
         try:
-            utt.decoder.process_raw(pcm, False, False)
+            _feed_blocks(utt.decoder, utt.pending, final=False)
         except _PS_ERRORS as exc:
             raise BackendError(f"pocketsphinx failed on audio of stream {key}: {exc}") from exc
         utt.bytes += len(pcm)
@@ -176,6 +202,7 @@ class EmbeddedBackend(Backend):
             raise BackendError(f"stream {key} has no open utterance")
         decoder = utt.decoder
         try:
+            _feed_blocks(decoder, utt.pending, final=True)
             decoder.end_utt()
             transcript = self._transcript(decoder)
         except _PS_ERRORS as exc:
