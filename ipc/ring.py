@@ -14,6 +14,7 @@ Layout (native byte order, which is also what the atomics use)::
     128  tail u64, records_popped u64                                     consumer's cache line
     192  want_space u64                                                   set by producer, cleared
                                                                           by either side
+    200  consumer_sleeping u64                                            consumer's sleep flag
     256  data area, ``capacity`` bytes
 
 ``head`` and ``tail`` are monotonic byte counters (position = counter % capacity); ``head - tail``
@@ -72,6 +73,7 @@ OFF_FULL_EVENTS = 88
 OFF_TAIL = 128
 OFF_RECORDS_POPPED = 136
 OFF_WANT_SPACE = 192
+OFF_CONSUMER_SLEEPING = 200
 _Q_HEAD = OFF_HEAD // 8
 _Q_RECORDS_PUSHED = OFF_RECORDS_PUSHED // 8
 _Q_BYTES_PUSHED = OFF_BYTES_PUSHED // 8
@@ -408,6 +410,35 @@ class Ring:
             return True
         return False
 
+    def prepare_sleep(self) -> bool:
+        """Consumer: announce a sleep on the data Wakeup; False if records arrived meanwhile.
+
+        With the flag down, producers skip the wake-up syscall, which is most of a producer's
+        cost per batch while the consumer is busy anyway. The seq_cst store orders the flag
+        before the head load; the producer's :meth:`consumer_sleeping` mirrors it (Dekker), so
+        a record published while we decide to sleep is either seen here or wakes us.
+        """
+        buf = self._buf
+        store_seq_cst(buf, OFF_CONSUMER_SLEEPING, 1)
+        if load_acquire(buf, OFF_HEAD) != self._hdr[_Q_TAIL]:
+            store_release(buf, OFF_CONSUMER_SLEEPING, 0)
+            return False
+        return True
+
+    def end_sleep(self) -> None:
+        """Consumer: awake again (producers may skip their wake-ups)."""
+        store_release(self._buf, OFF_CONSUMER_SLEEPING, 0)
+
+    def consumer_sleeping(self) -> bool:
+        """Producer, after publishing: does the consumer need a wake-up?
+
+        Re-storing ``head`` with seq_cst is the full fence that keeps the flag load after the
+        publication. A consumer that never uses :meth:`prepare_sleep` must be signalled always.
+        """
+        buf = self._buf
+        store_seq_cst(buf, OFF_HEAD, self._hdr[_Q_HEAD])
+        return bool(load_acquire(buf, OFF_CONSUMER_SLEEPING))
+
     def pending_bytes(self) -> int:
         """Bytes in use (records, headers and padding) as seen by the consumer."""
         return load_acquire(self._buf, OFF_HEAD) - self._hdr[_Q_TAIL]
@@ -437,6 +468,7 @@ class Ring:
         """
         buf = self._buf
         store_release(buf, OFF_WANT_SPACE, 0)
+        store_release(buf, OFF_CONSUMER_SLEEPING, 0)
         store_release(buf, OFF_TAIL, 0)
         store_release(buf, OFF_HEAD, 0)
 

@@ -93,8 +93,11 @@ class InferWorker:
                 self.emit_partials(force_due=True)
                 self.flush_signal()
                 self.beat()
-                poller.poll(timeout_ms if not self.has_due_partials() else 10)
-                self.audio_data.drain()
+                if self.audio.prepare_sleep():
+                    woken = poller.poll(timeout_ms if not self.has_due_partials() else 10)
+                    self.audio.end_sleep()
+                    if woken:
+                        self.audio_data.drain()
             else:
                 if self.audio.take_space_request():
                     self.audio_space.signal()
@@ -301,7 +304,8 @@ class InferWorker:
     def flush_signal(self) -> None:
         if self._results_pushed:
             self._results_pushed = False
-            self.result_data.signal()
+            if self.results.consumer_sleeping():
+                self.result_data.signal()
 
 
 def main() -> int:

@@ -312,7 +312,8 @@ class Ingress:
             conn.flush()
         if self.signal_audio:
             self.signal_audio = False
-            self.audio_data.signal()
+            if self.audio.consumer_sleeping():
+                self.audio_data.signal()
 
     def stream_error(self, conn: Connection, stream: str | None, code: str, message: str) -> None:
         self.counters["errors_sent"] += 1
@@ -616,7 +617,7 @@ class Ingress:
                 pushed = True
             elif not self.audio.wait_for_space():
                 break
-        if pushed:
+        if pushed and self.audio.consumer_sleeping():
             self.audio_data.signal()
         if not backlog and self.paused:
             self.paused = False
@@ -627,11 +628,17 @@ class Ingress:
 
     # --- results --------------------------------------------------------------------------------
     def on_results(self) -> None:
+        # The sleep flag is up whenever we are not draining here: while the loop does other
+        # work the infer worker must wake us, but not while we are already draining.
+        results = self.results
+        results.end_sleep()
         self.result_data.drain()
         while True:
-            batch = self.results.pop_many(256)
+            batch = results.pop_many(256)
             if not batch:
-                break
+                if results.prepare_sleep():
+                    break
+                continue
             if self.results.take_space_request():
                 self.result_space.signal()
             for r in batch:
