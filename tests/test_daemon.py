@@ -140,6 +140,15 @@ def test_transcripts_equal_direct_pocketsphinx(start_daemon: Start) -> None:
             ]
             assert [f.text for f in finals] == expected
             assert all(f.words is not None for f in finals if f.text)
+    # The VAD's frame counters reach the metrics (published with each heartbeat).
+    wait_until(
+        lambda: (
+            (t := status(daemon).totals)["ingress.speech_frames"] > 0
+            and t["ingress.silence_frames"] > 0
+        ),
+        10,
+        "VAD counters",
+    )
 
 
 @needs_speech

@@ -743,3 +743,25 @@ if __name__ == "__main__":
             )
         )
     sys.exit(f"unknown child role {sys.argv[1]!r}")
+
+
+def test_sleep_flag_protocol(make_ring: Callable[..., Ring]) -> None:
+    ring = make_ring(4096)
+    consumer = Ring.attach(ring.name)
+    try:
+        # An awake consumer needs no wake-up.
+        assert not ring.consumer_sleeping()
+        assert consumer.prepare_sleep()  # empty ring: may sleep
+        assert ring.try_push(3, 1, 1, b"x")
+        assert ring.consumer_sleeping()  # the producer must signal now
+        consumer.end_sleep()
+        assert not ring.consumer_sleeping()
+        # A record already waiting: the consumer must not sleep, and withdraws the flag.
+        assert not consumer.prepare_sleep()
+        assert not ring.consumer_sleeping()
+        assert consumer.pop_many() == [Record(3, 0, 1, 1, b"x")]
+        assert consumer.prepare_sleep()
+        ring.reset()
+        assert not ring.consumer_sleeping()
+    finally:
+        consumer.close()

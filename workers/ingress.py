@@ -166,6 +166,8 @@ class Ingress:
         self.connections: set[Connection] = set()
         self.by_key: dict[int, Stream] = {}
         self.next_key = 0
+        self.ended_speech_frames = 0  # VAD frames of streams that have ended
+        self.ended_silence_frames = 0
         lanes = max(1, spec.lanes)
         limits = self.config.limits
         self.max_connections = -(-limits.max_connections // lanes)
@@ -249,6 +251,9 @@ class Ingress:
         c = self.counters
         c["connections"] = len(self.connections)
         c["streams"] = len(self.by_key)
+        live = [s.vad.counters for s in self.by_key.values()]
+        c["speech_frames"] = self.ended_speech_frames + sum(v.speech_frames for v in live)
+        c["silence_frames"] = self.ended_silence_frames + sum(v.silence_frames for v in live)
         c["pending_records"] = len(self.backlog)
         self.slot.beat(time.monotonic())
         self.slot.publish(list(c.values()))
@@ -547,7 +552,10 @@ class Ingress:
             self.check_drained()
 
     def remove(self, stream: Stream) -> None:
-        self.by_key.pop(stream.key, None)
+        if self.by_key.pop(stream.key, None) is not None:
+            vc = stream.vad.counters
+            self.ended_speech_frames += vc.speech_frames
+            self.ended_silence_frames += vc.silence_frames
         if stream.conn.streams.get(stream.id) is stream:
             del stream.conn.streams[stream.id]
 
