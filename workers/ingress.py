@@ -116,7 +116,18 @@ class Connection(asyncio.BufferedProtocol):
             for msg in self.reader:
                 if self.closing:
                     break
-                ingress.handle(self, msg)
+                try:
+                    ingress.handle(self, msg)
+                except Exception:
+                    # A bug must cost one message, not the connection or the worker.
+                    log.exception("failed to handle %s from %s", type(msg).__name__, self.peer)
+                    ingress.stream_error(
+                        self,
+                        getattr(msg, "stream", None),
+                        p.ErrorCode.INTERNAL,
+                        f"internal error handling {type(msg).__name__.lower()}; see the "
+                        "daemon's log",
+                    )
         except FrameTooLarge as exc:
             ingress.counters["bad_frames"] += 1
             self.fail(p.ErrorCode.FRAME_TOO_LARGE, f"{exc}; closing the connection")
