@@ -9,6 +9,9 @@ import sys
 
 import setproctitle
 
+from ipc.heartbeat import HeartbeatTable
+from ipc.ring import Ring
+from ipc.wakeup import Wakeup
 from workers.spec import WorkerSpec
 
 
@@ -31,3 +34,25 @@ def setup_process(spec: WorkerSpec) -> logging.Logger:
 def parent_alive(spec: WorkerSpec) -> bool:
     """False once the supervisor has died (we were re-parented)."""
     return os.getppid() == spec.supervisor_pid
+
+
+class LaneWorker:
+    """The shared-memory ends every worker of a lane holds: both rings, their four wake-ups,
+    and its own heartbeat slot."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.audio = Ring.attach(spec.audio_ring)
+        self.results = Ring.attach(spec.result_ring)
+        self.audio_data = Wakeup.from_fds(*spec.fds.audio_data)
+        self.audio_space = Wakeup.from_fds(*spec.fds.audio_space)
+        self.result_data = Wakeup.from_fds(*spec.fds.result_data)
+        self.result_space = Wakeup.from_fds(*spec.fds.result_space)
+        self.table = HeartbeatTable.attach(spec.heartbeat)
+        self.slot = self.table.slot(spec.slot)
+
+    def close_lane(self) -> None:
+        self.audio.close()
+        self.results.close()
+        del self.slot  # the slot's views must go before the table's mapping can close
+        self.table.close()

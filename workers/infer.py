@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 import msgspec
 
 from ipc import records as rec
-from ipc.heartbeat import INFER_COUNTERS, HeartbeatTable, WorkerState
+from ipc.heartbeat import INFER_COUNTERS, WorkerState
 from ipc.protocol import ErrorCode
-from ipc.ring import Record, Ring
-from ipc.wakeup import Wakeup
+from ipc.ring import Record
 from workers.backends import create_backend
 from workers.backends.base import Backend, BackendBusy, Transcript
-from workers.common import parent_alive, setup_process
+from workers.common import LaneWorker, parent_alive, setup_process
 from workers.spec import WorkerSpec, load_spec
 
 BATCH = 64
@@ -53,19 +52,11 @@ class Utterance:
     waiting_audio: list[bytes] = field(default_factory=list)
 
 
-class InferWorker:
+class InferWorker(LaneWorker):
     def __init__(self, spec: WorkerSpec, backend: Backend | None = None) -> None:
-        self.spec = spec
+        super().__init__(spec)
         cfg = spec.config
         self.heartbeat_interval = cfg.heartbeat_interval_s
-        self.audio = Ring.attach(spec.audio_ring)
-        self.results = Ring.attach(spec.result_ring)
-        self.audio_data = Wakeup.from_fds(*spec.fds.audio_data)
-        self.audio_space = Wakeup.from_fds(*spec.fds.audio_space)
-        self.result_data = Wakeup.from_fds(*spec.fds.result_data)
-        self.result_space = Wakeup.from_fds(*spec.fds.result_space)
-        self.table = HeartbeatTable.attach(spec.heartbeat)
-        self.slot = self.table.slot(spec.slot)
         self.backend = backend if backend is not None else create_backend(cfg.backend)
         self.utterances: dict[int, Utterance] = {}
         self.waiting: deque[Utterance] = deque()
@@ -129,10 +120,7 @@ class InferWorker:
 
     def close(self) -> None:
         self.backend.close()
-        for ring in (self.audio, self.results):
-            ring.close()
-        del self.slot
-        self.table.close()
+        self.close_lane()
 
     # --- records --------------------------------------------------------------------------------
     def handle(self, r: Record) -> None:

@@ -39,11 +39,9 @@ from daemon.errors import ConfigError
 from ipc import protocol as p
 from ipc import records as rec
 from ipc.framing import BadFrame, FrameReader, FrameTooLarge, FrameWriter
-from ipc.heartbeat import INGRESS_COUNTERS, HeartbeatTable, WorkerState
-from ipc.ring import Ring
-from ipc.wakeup import Wakeup
+from ipc.heartbeat import INGRESS_COUNTERS, WorkerState
 from workers.backends.base import SAMPLE_RATE
-from workers.common import parent_alive, setup_process
+from workers.common import LaneWorker, parent_alive, setup_process
 from workers.spec import WorkerSpec, load_spec
 from workers.vad import SpeechAudio, SpeechEnd, SpeechStart, StreamVad
 
@@ -160,19 +158,11 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-class Ingress:
+class Ingress(LaneWorker):
     def __init__(self, spec: WorkerSpec) -> None:
-        self.spec = spec
+        super().__init__(spec)
         self.config = spec.config
         self.lane = spec.lane
-        self.audio = Ring.attach(spec.audio_ring)
-        self.results = Ring.attach(spec.result_ring)
-        self.audio_data = Wakeup.from_fds(*spec.fds.audio_data)
-        self.audio_space = Wakeup.from_fds(*spec.fds.audio_space)
-        self.result_data = Wakeup.from_fds(*spec.fds.result_data)
-        self.result_space = Wakeup.from_fds(*spec.fds.result_space)
-        self.table = HeartbeatTable.attach(spec.heartbeat)
-        self.slot = self.table.slot(spec.slot)
         self.counters = dict.fromkeys(INGRESS_COUNTERS, 0)
         self.connections: set[Connection] = set()
         self.by_key: dict[int, Stream] = {}
