@@ -48,6 +48,7 @@ from workers.vad import SpeechAudio, SpeechEnd, SpeechStart, StreamVad
 log = logging.getLogger("asrd.ingress")
 
 BACKLOG_PAUSE_BYTES = 4 * 1024 * 1024
+MAX_UNREAD_BYTES = 8 * 1024 * 1024
 MAX_STREAM_ID = 256
 ENCODINGS = ("s16le",)
 
@@ -145,8 +146,19 @@ class Connection(asyncio.BufferedProtocol):
         self.ingress.mark_dirty(self)
 
     def flush(self) -> None:
-        if self.transport is not None and len(self.writer):
-            self.transport.write(self.writer.take())
+        transport = self.transport
+        if transport is None or not len(self.writer):
+            return
+        transport.write(self.writer.take())
+        if transport.get_write_buffer_size() > MAX_UNREAD_BYTES:
+            # A client that does not read cannot be told; drop it so it cannot hold our memory.
+            log.warning(
+                "%s left %d bytes of results unread: dropping the connection",
+                self.peer,
+                transport.get_write_buffer_size(),
+            )
+            self.closing = True
+            transport.abort()
 
     def fail(self, code: str, message: str) -> None:
         """Fatal connection error: say why, then close."""
