@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck bench triton clean
 
 $(STAMP): pyproject.toml setup.py ipc/_atomic.c
 	$(PYTHON) -m venv $(VENV)
@@ -29,4 +29,9 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.load --help
 
 clean:
-	rm -rf $(VENV) build *.egg-info ipc/*.so .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-triton build *.egg-info ipc/*.so .pytest_cache .mypy_cache .ruff_cache
+
+# A real Triton Inference Server (CPU, from nvidia-pytriton) serving configs/triton, for
+# development: builds .venv-triton once, then runs in the foreground until Ctrl-C.
+triton: $(STAMP)
+	$(BIN)/python scripts/triton_server.py run
