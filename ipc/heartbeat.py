@@ -124,6 +124,9 @@ class HeartbeatTable:
         w = self._words[index]
         return int(w[0]), WorkerState(int(w[1])), int(w[2]), float(self._floats[index, 3])
 
+    def counter(self, index: int, position: int) -> int:
+        return int(self._words[index, FIRST_COUNTER + position])
+
     def counters(self, index: int, names: tuple[str, ...]) -> dict[str, int]:
         row = self._words[index, FIRST_COUNTER : FIRST_COUNTER + len(names)]
         return {n: int(v) for n, v in zip(names, row.tolist(), strict=True)}
@@ -154,6 +157,9 @@ class HeartbeatSlot:
 
     def set_state(self, state: WorkerState) -> None:
         self._words[1] = int(state)
+
+    def set_counter(self, position: int, value: int) -> None:
+        self._words[FIRST_COUNTER + position] = value
 
     def publish(self, counters: list[int]) -> None:
         self._words[FIRST_COUNTER : FIRST_COUNTER + len(counters)] = counters

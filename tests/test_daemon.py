@@ -422,3 +422,25 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.timeout(60)
+def test_connections_spread_over_lanes(start_daemon: Start) -> None:
+    daemon = start_daemon(NULL.replace("lanes = 1", "lanes = 2"))
+    busy = Client.connect(daemon.socket_path)
+    clients = [busy]
+    try:
+        first = busy.start("b0", vad=NO_VAD, wait=True)
+        assert first is not None
+        for i in range(1, 5):
+            busy.start(f"b{i}", vad=NO_VAD, wait=True)
+        # That lane now carries 1 connection + 5 streams; the next connections (1 stream each)
+        # go to the other lane until it carries as much, whichever worker wakes first.
+        for i in range(3):
+            c = Client.connect(daemon.socket_path)
+            clients.append(c)
+            started = c.start(f"s{i}", vad=NO_VAD, wait=True)
+            assert started is not None and started.lane != first.lane, (i, started)
+    finally:
+        for c in clients:
+            c.close()

@@ -41,6 +41,7 @@ from ipc import records as rec
 from ipc.framing import BadFrame, FrameReader, FrameTooLarge, FrameWriter
 from ipc.heartbeat import INGRESS_COUNTERS, WorkerState
 from workers.backends.base import SAMPLE_RATE
+from workers.balance import LaneBalancer
 from workers.common import LaneWorker, parent_alive, setup_process
 from workers.spec import WorkerSpec, load_spec
 from workers.vad import SpeechAudio, SpeechEnd, SpeechStart, StreamVad
@@ -49,6 +50,9 @@ log = logging.getLogger("asrd.ingress")
 
 BACKLOG_PAUSE_BYTES = 4 * 1024 * 1024
 MAX_UNREAD_BYTES = 8 * 1024 * 1024
+ACCEPT_RECHECK_S = 0.02
+_CONNECTIONS = INGRESS_COUNTERS.index("connections")
+_STREAMS = INGRESS_COUNTERS.index("streams")
 MAX_STREAM_ID = 256
 ENCODINGS = ("s16le",)
 
@@ -204,7 +208,12 @@ class Ingress(LaneWorker):
         self.draining = False
         self.stopped: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.server: asyncio.AbstractServer | None = None
+        self.listen_sock: socket.socket | None = None
+        self.accepting = False
+        self.accepted_pending = 0  # accepted, transport not made yet
+        self.balancer = LaneBalancer(
+            self.table, spec.lanes, spec.lane, stale_after_s=self.config.heartbeat_timeout_s
+        )
         self._enc = msgspec.msgpack.Encoder()
         self._partial_dec = msgspec.msgpack.Decoder(rec.PartialResult)
         self._final_dec = msgspec.msgpack.Decoder(rec.FinalResult)
@@ -217,9 +226,8 @@ class Ingress(LaneWorker):
         self.stopped = asyncio.Event()
         sock = socket.socket(fileno=self.spec.listen_fd)
         sock.setblocking(False)
-        self.server = await loop.create_unix_server(
-            lambda: Connection(self), sock=sock, backlog=1024
-        )
+        self.listen_sock = sock
+        self.resume_accepting()
         loop.add_reader(self.result_data.fileno(), self.on_results)
         loop.add_reader(self.audio_space.fileno(), self.on_audio_space)
         loop.add_signal_handler(signal.SIGTERM, self.start_drain)
@@ -237,7 +245,7 @@ class Ingress(LaneWorker):
             conn.flush()
             if conn.transport is not None:
                 conn.transport.close()
-        self.server.close()
+        self.pause_accepting()
         loop.remove_reader(self.result_data.fileno())
         loop.remove_reader(self.audio_space.fileno())
         # Let closing transports write what they still buffer (bounded: a client that does not
@@ -277,8 +285,7 @@ class Ingress(LaneWorker):
         self.draining = True
         log.info("draining: %d connections, %d streams", len(self.connections), len(self.by_key))
         self.slot.set_state(WorkerState.DRAINING)
-        if self.server is not None:
-            self.server.close()
+        self.pause_accepting()
         for stream in list(self.by_key.values()):
             self.finish_stream(stream, reason="shutdown")
         for conn in list(self.connections):
@@ -292,9 +299,52 @@ class Ingress(LaneWorker):
         if self.draining and not self.by_key and self.stopped is not None:
             self.stopped.set()
 
+    # --- accepting ------------------------------------------------------------------------------
+    def load(self) -> int:
+        return len(self.connections) + self.accepted_pending + len(self.by_key)
+
+    def publish_load(self) -> None:
+        """Connections and streams, at once: the other lanes balance on them."""
+        self.slot.set_counter(_CONNECTIONS, len(self.connections) + self.accepted_pending)
+        self.slot.set_counter(_STREAMS, len(self.by_key))
+
+    def resume_accepting(self) -> None:
+        if self.accepting or self.draining or self.listen_sock is None or self.loop is None:
+            return
+        self.accepting = True
+        self.loop.add_reader(self.listen_sock.fileno(), self.on_acceptable)
+
+    def pause_accepting(self) -> None:
+        if self.accepting and self.listen_sock is not None and self.loop is not None:
+            self.accepting = False
+            self.loop.remove_reader(self.listen_sock.fileno())
+
+    def on_acceptable(self) -> None:
+        assert self.listen_sock is not None and self.loop is not None
+        for _ in range(64):  # bounded, so a connection storm cannot starve the audio
+            if not self.balancer.should_accept(self.load()):
+                # Busier than another lane: let it take the next connections; look again soon.
+                self.pause_accepting()
+                self.loop.call_later(ACCEPT_RECHECK_S, self.resume_accepting)
+                return
+            try:
+                sock, _ = self.listen_sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: say so, back off, keep serving
+                log.error("accept failed: %s; retrying in 0.1 s", exc)
+                self.pause_accepting()
+                self.loop.call_later(0.1, self.resume_accepting)
+                return
+            sock.setblocking(False)
+            self.accepted_pending += 1
+            self.publish_load()
+            self.loop.create_task(self.loop.connect_accepted_socket(lambda: Connection(self), sock))
+
     # --- connections ----------------------------------------------------------------------------
     def connection_made(self, conn: Connection) -> None:
         self.counters["connections_total"] += 1
+        self.accepted_pending -= 1
         if self.draining:
             conn.fail(p.ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
             return
@@ -307,6 +357,7 @@ class Ingress(LaneWorker):
             )
             return
         self.connections.add(conn)
+        self.publish_load()
 
     def connection_lost(self, conn: Connection) -> None:
         self.connections.discard(conn)
@@ -314,6 +365,7 @@ class Ingress(LaneWorker):
         for stream in list(conn.streams.values()):
             self.abandon(stream)
         conn.streams.clear()
+        self.publish_load()
         self.check_drained()
 
     def mark_dirty(self, conn: Connection) -> None:
@@ -444,6 +496,7 @@ class Ingress(LaneWorker):
         )
         conn.streams[sid] = stream
         self.by_key[key] = stream
+        self.slot.set_counter(_STREAMS, len(self.by_key))
         self.counters["streams_total"] += 1
         conn.send(p.Started(stream=sid, lane=self.lane))
 
@@ -569,6 +622,7 @@ class Ingress(LaneWorker):
             vc = stream.vad.counters
             self.ended_speech_frames += vc.speech_frames
             self.ended_silence_frames += vc.silence_frames
+            self.slot.set_counter(_STREAMS, len(self.by_key))
         if stream.conn.streams.get(stream.id) is stream:
             del stream.conn.streams[stream.id]
 
