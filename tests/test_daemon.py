@@ -444,3 +444,18 @@ def test_connections_spread_over_lanes(start_daemon: Start) -> None:
     finally:
         for c in clients:
             c.close()
+
+
+@pytest.mark.timeout(120)
+def test_shipped_samples_transcribe_exactly(start_daemon: Start) -> None:
+    """What `make demo` shows: each sample's utterances, as its transcript file lists them."""
+    samples = sorted((Path(__file__).resolve().parent.parent / "samples").glob("*.wav"))
+    assert samples
+    daemon = start_daemon("lanes = 1\n")
+    with Client.connect(daemon.socket_path) as c:
+        for path in samples:
+            with wave.open(str(path)) as w:
+                rate, pcm = w.getframerate(), w.readframes(w.getnframes())
+            finals = c.transcribe(pcm, rate, stream=path.stem, timeout=60)
+            expected = path.with_suffix(".txt").read_text().split("\n")
+            assert [f.text for f in finals] == [line for line in expected if line], path.name
