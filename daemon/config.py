@@ -74,10 +74,10 @@ class EmbeddedConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Initial cepstral mean of every utterance (comma-separated, one value per cepstral
     # coefficient); "" = the acoustic model's own (40,3,-1 for the shipped en-us model). The
     # default is the mean over real read speech, which cut word errors on the shared LibriVox
-    # speech from 39 % to 25 % in streaming decodes (docs/recognizer.md).
+    # speech from 35 % to 25 % in streaming decodes (docs/recognizer.md).
     cmn_init: Annotated[str, Meta(pattern=CMN_PATTERN)] = DEFAULT_CMN_INIT
     # pocketsphinx's second (flat-lexicon) pass at utterance end: about 10x the final's latency
-    # (100-400 ms against 10-80 ms) for no measured accuracy gain here.
+    # (100-400 ms against 10-150 ms), and it made word errors worse on the shared speech.
     fwdflat: bool = False
 
 

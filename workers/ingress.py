@@ -82,6 +82,11 @@ class Stream:
     told_shutdown: bool = False
 
 
+def to_pcm16(samples: np.ndarray) -> bytes:
+    out: bytes = np.rint(samples).clip(-32768, 32767).astype(np.int16).tobytes()
+    return out
+
+
 class Connection(asyncio.BufferedProtocol):
     def __init__(self, ingress: Ingress) -> None:
         self.ingress = ingress
@@ -484,7 +489,9 @@ class Ingress(LaneWorker):
         key = rec.stream_key(self.spec.generation, self.next_key)
         resampler = None
         if msg.sample_rate != SAMPLE_RATE:
-            resampler = soxr.ResampleStream(msg.sample_rate, SAMPLE_RATE, 1, dtype="int16")
+            # float32, rounded back to int16 here: soxr's int16 output is dithered with a seed
+            # that changes per stream, so the same audio would not give the same transcript.
+            resampler = soxr.ResampleStream(msg.sample_rate, SAMPLE_RATE, 1, dtype="float32")
         stream = Stream(
             id=sid,
             key=key,
@@ -552,7 +559,11 @@ class Ingress(LaneWorker):
         c["chunks"] += 1
         c["audio_bytes"] += len(pcm)
         if stream.resampler is not None:
-            pcm = stream.resampler.resample_chunk(np.frombuffer(pcm, dtype=np.int16)).tobytes()
+            pcm = to_pcm16(
+                stream.resampler.resample_chunk(
+                    np.frombuffer(pcm, dtype=np.int16).astype(np.float32)
+                )
+            )
         self.route(stream, stream.vad.process(pcm), msg.seq)
 
     def route(self, stream: Stream, events: list[Any], seq: int) -> None:
@@ -599,8 +610,8 @@ class Ingress(LaneWorker):
         stream.finishing = True
         stream.close_reason = reason
         if stream.resampler is not None:
-            tail = stream.resampler.resample_chunk(np.zeros(0, dtype=np.int16), last=True)
-            self.route(stream, stream.vad.process(tail.tobytes()), stream.last_seq)
+            tail = stream.resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+            self.route(stream, stream.vad.process(to_pcm16(tail)), stream.last_seq)
         self.route(stream, stream.vad.flush(), stream.last_seq)
         self.maybe_close(stream)
 

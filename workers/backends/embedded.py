@@ -23,10 +23,10 @@ word was recognised.
 
 Threading model: see :mod:`workers.backends.base`; a lock guards the pool, and decoders are
 created outside it. Cost (thread CPU time on the 2-core dev VM, on the shared speech): ``feed``
-of 100 ms takes 10-15 ms; ``partial`` next to nothing (``feed`` keeps the hypothesis current);
-``end`` about 0.25 s for a 3-7 s sentence, almost all of it pocketsphinx's second, flat-lexicon
-pass over the whole utterance (37 ms without it), which is also why the final may differ from
-the last partial; ``begin`` 0.3 ms with a free decoder, 0.25-0.5 s when it must create one.
+of 100 ms takes 30-50 ms; ``partial`` next to nothing (``feed`` keeps the hypothesis current);
+``end`` 10-150 ms with ``fwdflat`` off (the default), about 0.25 s with pocketsphinx's second,
+flat-lexicon pass over the whole utterance; ``begin`` 0.3 ms with a free decoder, 0.25-0.5 s
+when it must create one. The final may differ from the last partial.
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ def _hypothesis(decoder: Decoder) -> str:
     return hyp.hypstr if hyp is not None else ""
 
 
-# pocketsphinx's live cepstral-mean update runs per process_raw() call, so its output depends on
-# how the audio is cut into calls. Feeding fixed 100 ms blocks (the remainder at the utterance's
-# end) makes a transcript independent of client chunk sizes and VAD cut points.
+# pocketsphinx's scores depend on how audio is cut into process_raw() calls (measured: calls of
+# 10-20 ms change them). Feeding fixed 100 ms blocks (the remainder at the utterance's end)
+# makes a transcript independent of client chunk sizes and VAD cut points.
 BLOCK_BYTES = 3200
 
 
