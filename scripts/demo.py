@@ -27,8 +27,18 @@ def main() -> int:
             flush=True,
         )
         asrctl = [sys.executable, "-m", "daemon.asrctl"]
+        # On a terminal partials update in place; elsewhere they print as lines of their own.
+        partials = [] if sys.stdout.isatty() else ["--partials"]
         rc = subprocess.call(
-            [*asrctl, "transcribe", "--socket", str(daemon.socket_path), "--realtime", *samples]
+            [
+                *asrctl,
+                "transcribe",
+                "--socket",
+                str(daemon.socket_path),
+                "--realtime",
+                *partials,
+                *samples,
+            ]
         )
         print("==> daemon status:", flush=True)
         subprocess.call([*asrctl, "status", "--control-socket", str(daemon.control_path)])
