@@ -81,7 +81,7 @@ class InferWorker(LaneWorker):
         while not self.stopping:
             records = self.audio.pop_many(BATCH)
             if not records:
-                self.emit_partials(force_due=True)
+                self.emit_partials()
                 self.flush_signal()
                 self.beat()
                 if self.audio.prepare_sleep():
@@ -95,7 +95,7 @@ class InferWorker(LaneWorker):
                 for r in records:
                     self.handle(r)
                     self.beat()
-                self.emit_partials(force_due=False)
+                self.emit_partials()
                 self.flush_signal()
             now = time.monotonic()
             if now - last_parent_check > 0.5:
@@ -254,7 +254,7 @@ class InferWorker(LaneWorker):
     def has_due_partials(self) -> bool:
         return any(u.dirty and u.interim_ms >= 0 for u in self.utterances.values())
 
-    def emit_partials(self, force_due: bool) -> None:
+    def emit_partials(self) -> None:
         now = time.monotonic()
         for u in self.utterances.values():
             if not u.dirty or u.interim_ms < 0 or not u.started:
