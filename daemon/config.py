@@ -87,11 +87,24 @@ class NullConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     delay_ms: Annotated[float, Meta(ge=0.0, le=10000.0)] = 0.0
 
 
+class TritonConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A streaming recognizer on NVIDIA Triton Inference Server (docs/triton.md)."""
+
+    url: Annotated[str, Meta(min_length=1)] = "127.0.0.1:8001"  # gRPC host:port
+    model: Annotated[str, Meta(min_length=1)] = "asr_streaming"
+    # "system": tensors through a shared-memory region per lane (a Triton on this host);
+    # "none": tensors in the requests (a Triton on another host).
+    shared_memory: Literal["system", "none"] = "system"
+    shm_bytes: Annotated[int, Meta(ge=64 * 1024, le=256 * 1024 * 1024)] = 1024 * 1024
+    timeout_s: Annotated[float, Meta(gt=0.0, le=600.0)] = 5.0  # per request
+
+
 class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    kind: Literal["embedded", "null"] = "embedded"
+    kind: Literal["embedded", "null", "triton"] = "embedded"
     interim_ms: Annotated[int, Meta(ge=0, le=60000)] = 300
     embedded: EmbeddedConfig = msgspec.field(default_factory=EmbeddedConfig)
     null: NullConfig = msgspec.field(default_factory=NullConfig)
+    triton: TritonConfig = msgspec.field(default_factory=TritonConfig)
 
 
 class RestartConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -168,6 +168,10 @@ class Supervisor:
         self.manifest.add(audio_name)
         result = Ring.create(result_name, cfg.ring.result_bytes)
         self.manifest.add(result_name)
+        if cfg.backend.kind == "triton" and cfg.backend.triton.shared_memory == "system":
+            # The lane's infer worker creates this region; listed here so that it is unlinked
+            # at exit even if the worker could not do it.
+            self.manifest.add(segment_name(cfg.instance, self.pid, "triton", n))
         wakeups = [Wakeup() for _ in range(4)]
         fds = LaneFds(
             audio_data=wakeups[0].fds(),

@@ -28,6 +28,7 @@ from ipc import records as rec
 from ipc.heartbeat import INFER_COUNTERS, WorkerState
 from ipc.protocol import ErrorCode
 from ipc.ring import Record
+from ipc.shm import segment_name
 from workers.backends import create_backend
 from workers.backends.base import Backend, BackendBusy, Transcript
 from workers.common import LaneWorker, parent_alive, setup_process
@@ -57,7 +58,10 @@ class InferWorker(LaneWorker):
         super().__init__(spec)
         cfg = spec.config
         self.heartbeat_interval = cfg.heartbeat_interval_s
-        self.backend = backend if backend is not None else create_backend(cfg.backend)
+        if backend is None:
+            region = segment_name(cfg.instance, spec.supervisor_pid, "triton", spec.lane)
+            backend = create_backend(cfg.backend, shm_name=region)
+        self.backend = backend
         self.utterances: dict[int, Utterance] = {}
         self.waiting: deque[Utterance] = deque()
         self.stopping = False

@@ -27,8 +27,12 @@ __all__ = [
 ]
 
 
-def create_backend(config: BackendConfig) -> Backend:
-    """The backend ``config.kind`` names, built from its section of the config."""
+def create_backend(config: BackendConfig, shm_name: str | None = None) -> Backend:
+    """The backend ``config.kind`` names, built from its section of the config.
+
+    ``shm_name``: the name of the shared-memory region a ``triton`` backend with
+    ``shared_memory = "system"`` creates (one per lane, named by the supervisor's scheme).
+    """
     if config.kind == "embedded":
         from workers.backends.embedded import EmbeddedBackend
 
@@ -37,4 +41,15 @@ def create_backend(config: BackendConfig) -> Backend:
         from workers.backends.null import NullBackend
 
         return NullBackend(config.null)
+    if config.kind == "triton":
+        from workers.backends.triton import TritonBackend
+
+        t = config.triton
+        return TritonBackend(
+            t.url,
+            t.model,
+            shm_name=shm_name if t.shared_memory == "system" else None,
+            shm_bytes=t.shm_bytes,
+            timeout_s=t.timeout_s,
+        )
     raise BackendError(f"unknown backend kind {config.kind!r}")
