@@ -7,13 +7,8 @@ that no process of it and no /dev/shm region of the server's or of this module's
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,12 +16,12 @@ import tritonclient.grpc as grpcclient
 
 from daemon.config import EmbeddedConfig
 from tests.speech import load_wav
+from tests.triton_fixtures import Server, free_ports
+from tests.triton_fixtures import server as server
 from workers.backends.base import BackendError
 from workers.backends.embedded import transcribe_direct
 from workers.backends.triton import TritonBackend
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "triton_server.py"
 SPEECH = Path(__file__).resolve().parents[2] / "shared" / "speech"
 CHUNK_BYTES = 3200  # 100 ms at 16 kHz s16le
 STREAMING, LIGHT = "asr_streaming", "asr_light"
@@ -36,81 +31,6 @@ pytestmark = pytest.mark.timeout(900)
 needs_speech = pytest.mark.skipif(
     not SPEECH.is_dir(), reason=f"real speech samples not found at {SPEECH}"
 )
-
-
-@dataclass
-class Server:
-    url: str
-    pid: int
-    shm_prefix: str  # the server's Python-backend regions and this module's own
-
-
-def _free_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def _script(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-
-
-def _group_alive(pgid: int) -> list[int]:
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if fields[0] not in "ZX" and int(fields[2]) == pgid:
-                alive.append(int(entry.name))
-    return alive
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    done = _script("setup", timeout=800)
-    assert done.returncode == 0, f"setup failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    tmp = tmp_path_factory.mktemp("triton")
-    grpc_port, http_port, metrics_port = _free_ports(3)
-    prefix = f"asrd_test_tb_{os.getpid()}_"
-    pidfile = tmp / "tritonserver.pid"
-    done = _script(
-        "start",
-        f"--grpc-port={grpc_port}",
-        f"--http-port={http_port}",
-        f"--metrics-port={metrics_port}",
-        f"--pidfile={pidfile}",
-        f"--log={tmp / 'tritonserver.log'}",
-        f"--shm-prefix={prefix}",
-        timeout=180,
-    )
-    assert done.returncode == 0, f"start failed:\n{done.stdout}\n{done.stderr}"
-    pid = int(pidfile.read_text())
-    try:
-        yield Server(f"127.0.0.1:{grpc_port}", pid, prefix)
-    finally:
-        done = _script("stop", f"--pidfile={pidfile}", timeout=60)
-        assert done.returncode == 0, f"stop failed:\n{done.stdout}\n{done.stderr}"
-        assert _group_alive(pid) == [], "tritonserver or a backend stub is still running"
-        leaked = sorted(p.name for p in Path("/dev/shm").glob(prefix + "*"))
-        assert leaked == [], f"shared memory left behind: {leaked}"
 
 
 def _our_regions(server: Server) -> list[str]:
@@ -258,7 +178,7 @@ def test_region_reregistered_when_lost(server: Server) -> None:
 
 
 def test_unreachable_server(shm_name: str | None) -> None:
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     with TritonBackend(f"127.0.0.1:{port}", LIGHT, shm_name=shm_name, timeout_s=1) as backend:
         backend.begin(1)
         with pytest.raises(BackendError):
