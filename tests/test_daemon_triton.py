@@ -13,8 +13,8 @@ from ipc import protocol as p
 from ipc.client import Client
 from tests.daemon_fixtures import start_daemon as start_daemon
 from tests.test_daemon import SPEECH, Start, needs_speech, read_wav
-from tests.test_triton_backend import Server
-from tests.test_triton_backend import server as server
+from tests.triton_fixtures import Server
+from tests.triton_fixtures import server as server
 from workers.backends.embedded import transcribe_direct
 
 pytestmark = pytest.mark.timeout(900)
