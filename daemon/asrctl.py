@@ -449,6 +449,10 @@ def format_status(st: Status) -> str:
         f"backend {st.backend}  socket {st.socket}",
         "",
     ]
+    if st.endpoints:
+        rows = [["ENDPOINT", "STATE", "BREAKER PER LANE"]]
+        rows += [[e.url, e.state, " ".join(e.lanes)] for e in st.endpoints]
+        lines += [*_table(rows), ""]
     rows = [["LANE", "ROLE", "PID", "STATE", "RESTARTS", "HEARTBEAT", "CPUS", "RSS"]]
     for lane in st.lanes:
         for w in lane.workers:

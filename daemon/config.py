@@ -22,6 +22,8 @@ import msgspec.inspect as mi
 from msgspec import Meta
 
 from daemon.errors import ConfigError
+from ipc.heartbeat import MAX_ENDPOINTS
+from workers.breaker import BreakerConfig
 
 if TYPE_CHECKING:
     from ipc.protocol import VadOverrides
@@ -90,13 +92,26 @@ class NullConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class TritonConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A streaming recognizer on NVIDIA Triton Inference Server (docs/triton.md)."""
 
-    url: Annotated[str, Meta(min_length=1)] = "127.0.0.1:8001"  # gRPC host:port
+    # host:port of each server, in order of preference (the gRPC port with protocol "grpc",
+    # the HTTP port with "http"). Utterances go to the first endpoint whose breaker is not
+    # open; the others take over while it is.
+    endpoints: Annotated[
+        list[Annotated[str, Meta(pattern=r"^[^\s/]+:[0-9]{1,5}$")]],
+        Meta(min_length=1, max_length=MAX_ENDPOINTS),
+    ] = msgspec.field(default_factory=lambda: ["127.0.0.1:8001"])
+    protocol: Literal["grpc", "http"] = "grpc"
     model: Annotated[str, Meta(min_length=1)] = "asr_streaming"
-    # "system": tensors through a shared-memory region per lane (a Triton on this host);
-    # "none": tensors in the requests (a Triton on another host).
+    # "system": tensors through a shared-memory region per lane and endpoint (a Triton on this
+    # host); "none": tensors in the requests (a Triton on another host).
     shared_memory: Literal["system", "none"] = "system"
     shm_bytes: Annotated[int, Meta(ge=64 * 1024, le=256 * 1024 * 1024)] = 1024 * 1024
     timeout_s: Annotated[float, Meta(gt=0.0, le=600.0)] = 5.0  # per request
+    # While every endpoint's breaker is open: "embedded" decodes on the embedded recognizer
+    # ([backend.embedded]); "none" answers Error(code="inference_unavailable", retry_after_ms).
+    fallback: Literal["none", "embedded"] = "none"
+    # How often an endpoint that is down (breaker open, or not ready at start) is probed.
+    health_interval_s: Annotated[float, Meta(gt=0.0, le=600.0)] = 1.0
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
 
 
 class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

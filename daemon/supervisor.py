@@ -38,13 +38,14 @@ from daemon.systemd import Notifier, listen_fds
 from ipc import control as ctl
 from ipc.framing import BadFrame, FrameReader, FrameTooLarge, FrameWriter
 from ipc.heartbeat import (
+    ENDPOINT_STATES,
     INFER_COUNTERS,
     INGRESS_COUNTERS,
     HeartbeatTable,
     WorkerState,
 )
 from ipc.ring import Ring
-from ipc.shm import Manifest, segment_name, sweep_stale
+from ipc.shm import Manifest, segment_name, sweep_stale, triton_region_name
 from ipc.wakeup import Wakeup
 from workers.spec import ENV_VAR, LaneFds, WorkerSpec, slot_index
 
@@ -169,9 +170,10 @@ class Supervisor:
         result = Ring.create(result_name, cfg.ring.result_bytes)
         self.manifest.add(result_name)
         if cfg.backend.kind == "triton" and cfg.backend.triton.shared_memory == "system":
-            # The lane's infer worker creates this region; listed here so that it is unlinked
+            # The lane's infer worker creates these regions; listed here so that it is unlinked
             # at exit even if the worker could not do it.
-            self.manifest.add(segment_name(cfg.instance, self.pid, "triton", n))
+            for i in range(len(cfg.backend.triton.endpoints)):
+                self.manifest.add(triton_region_name(cfg.instance, self.pid, n, i))
         wakeups = [Wakeup() for _ in range(4)]
         fds = LaneFds(
             audio_data=wakeups[0].fds(),
@@ -500,6 +502,7 @@ class Supervisor:
                 )
             )
         return ctl.Status(
+            endpoints=self.endpoint_status(),
             version=__version__,
             instance=self.config.instance,
             pid=self.pid,
@@ -562,6 +565,28 @@ class Supervisor:
                 status_due = now + 5.0
                 self.notifier.status(self.status_line())
 
+    def endpoint_status(self) -> list[ctl.EndpointStatus]:
+        """Each Triton endpoint's breaker state per lane, from the infer workers' counters."""
+        assert self.table is not None
+        if self.config.backend.kind != "triton":
+            return []
+        out = []
+        for i, url in enumerate(self.config.backend.triton.endpoints):
+            states = []
+            for lane in self.lanes:
+                slot = self.slots[slot_index("infer", lane.index)]
+                code = self.table.counters(slot.index, INFER_COUNTERS)[f"endpoint{i}"]
+                running = slot.state == SlotState.RUNNING
+                states.append(ENDPOINT_STATES[code - 1] if code and running else "unknown")
+            if all(s == "closed" for s in states):
+                summary = "up"
+            elif all(s == "open" for s in states):
+                summary = "down"
+            else:
+                summary = "degraded"
+            out.append(ctl.EndpointStatus(url=url, lanes=states, state=summary))
+        return out
+
     def status_line(self) -> str:
         assert self.table is not None
         streams = sum(
@@ -570,7 +595,11 @@ class Supervisor:
             if s.role == "ingress"
         )
         up = sum(1 for s in self.slots if s.state == SlotState.RUNNING)
-        return f"{len(self.lanes)} lanes, {up}/{len(self.slots)} workers up, {streams} streams"
+        line = f"{len(self.lanes)} lanes, {up}/{len(self.slots)} workers up, {streams} streams"
+        endpoints = self.endpoint_status()
+        if endpoints:
+            line += ", triton " + " ".join(f"{e.url} {e.state}" for e in endpoints)
+        return line
 
     def cleanup(self) -> None:
         if self.by_pid:

@@ -97,8 +97,6 @@ ENDED_MEMORY = 10_000  # ended stream ids remembered to drop late unknown_stream
 STREAM_ENDING_CODES = frozenset(
     {
         ErrorCode.WORKER_RESTARTED,
-        ErrorCode.INFERENCE_UNAVAILABLE,
-        ErrorCode.INFERENCE_FAILED,
         ErrorCode.INTERNAL,
     }
 )

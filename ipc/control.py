@@ -36,6 +36,14 @@ class LaneStatus(msgspec.Struct, kw_only=True):
     result_ring: dict[str, int] = msgspec.field(default_factory=dict)
 
 
+class EndpointStatus(msgspec.Struct, kw_only=True):
+    url: str
+    # Its circuit breaker in each lane's infer worker: "closed" (serving), "half_open"
+    # (probing), "open" (down: utterances go elsewhere), "unknown" (worker not reporting).
+    lanes: list[str]
+    state: str  # "up" (closed in every lane), "down" (open in every lane), or "degraded"
+
+
 class Status(_Ctl, tag="status"):
     version: str
     instance: str
@@ -46,6 +54,7 @@ class Status(_Ctl, tag="status"):
     socket: str
     lanes: list[LaneStatus]
     totals: dict[str, int] = msgspec.field(default_factory=dict)
+    endpoints: list[EndpointStatus] = msgspec.field(default_factory=list)  # backend "triton"
 
 
 class ControlError(_Ctl, tag="control_error"):

@@ -43,7 +43,7 @@ INGRESS_COUNTERS = (
     "backpressure_events",
     "pending_records",
 )
-INFER_COUNTERS = (
+_INFER_OWN = (
     "records",
     "audio_bytes",
     "utterances",
@@ -55,6 +55,26 @@ INFER_COUNTERS = (
     "dropped_records",
     "decode_us",
 )
+MAX_ENDPOINTS = 4  # Triton endpoints per backend (config: backend.triton.endpoints)
+# Published by the infer worker from its backend's stats() (0 where a backend has none). The
+# Triton backend's: failovers and replays of utterances, utterances on the embedded fallback,
+# inference_unavailable answers, breaker trips, parked utterances, endpoints up, and each
+# endpoint's breaker state (ENDPOINT_STATES index + 1; 0 = no such endpoint).
+BACKEND_COUNTERS = (
+    "failovers",
+    "replays",
+    "fallback_utterances",
+    "unavailable",
+    "breaker_opened",
+    "parked",
+    "endpoints_up",
+    *(f"endpoint{i}" for i in range(MAX_ENDPOINTS)),
+)
+ENDPOINT_STATES = ("closed", "half_open", "open")
+INFER_COUNTERS = _INFER_OWN + BACKEND_COUNTERS
+
+
+assert len(INGRESS_COUNTERS) <= MAX_COUNTERS and len(INFER_COUNTERS) <= MAX_COUNTERS
 
 
 class WorkerState(enum.IntEnum):

@@ -146,6 +146,8 @@ class Error(_Msg, tag="error"):
     message: str
     stream: str | None = None
     retry_after_ms: int | None = None
+    # The utterance an inference error is about; the stream goes on to its next utterance.
+    utterance: int | None = None
 
 
 class Pong(_Msg, tag="pong"):

@@ -20,6 +20,8 @@ from pathlib import Path
 import posix_ipc
 import psutil
 
+from ipc.heartbeat import MAX_ENDPOINTS
+
 PREFIX = "asrd"
 SHM_DIR = Path("/dev/shm")
 
@@ -53,6 +55,19 @@ def parse_segment(name: str, instance: str) -> int | None:
     """The supervisor pid in ``name`` if it is a segment of ``instance``, else None."""
     m = _instance_pattern(instance).fullmatch(name.lstrip("/"))
     return int(m.group(1)) if m else None
+
+
+def triton_region_name(instance: str, supervisor_pid: int, lane: int, endpoint: int) -> str:
+    """The Triton region of ``lane``'s infer worker for endpoint ``endpoint``:
+    ``/asrd-<instance>-<pid>-triton<n>`` with n = lane * MAX_ENDPOINTS + endpoint."""
+    return segment_name(instance, supervisor_pid, "triton", lane * MAX_ENDPOINTS + endpoint)
+
+
+def is_stale_segment(name: str, instance: str) -> bool:
+    """True if ``name`` (with or without the leading slash) is a segment or region of
+    ``instance`` whose supervisor is gone; what :func:`sweep_stale` removes."""
+    pid = parse_segment(name, instance)
+    return pid is not None and not is_asrd_alive(pid)
 
 
 def _unlink(name: str, shm_dir: Path) -> bool:

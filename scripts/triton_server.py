@@ -351,14 +351,14 @@ def _check_port(port: int, what: str) -> None:
             raise Failure(f"cannot use port {port} ({what}): {exc}") from None
 
 
-def _model_list(text: str) -> list[str]:
+def _model_list(text: str, repository: Path = MODEL_REPOSITORY) -> list[str]:
     models = [m.strip() for m in text.split(",") if m.strip()]
     if not models:
         raise Failure("--models names no model")
     for model in models:
-        if not (MODEL_REPOSITORY / model / "config.pbtxt").is_file():
-            known = sorted(p.parent.name for p in MODEL_REPOSITORY.glob("*/config.pbtxt"))
-            raise Failure(f"no model {model!r} in {MODEL_REPOSITORY} (there: {', '.join(known)})")
+        if not (repository / model / "config.pbtxt").is_file():
+            known = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
+            raise Failure(f"no model {model!r} in {repository} (there: {', '.join(known)})")
     return models
 
 
@@ -383,11 +383,15 @@ def server_env(info: dict[str, Any], venv: Path) -> dict[str, str]:
 
 
 def server_command(
-    info: dict[str, Any], models: list[str], ports: dict[str, int], shm_prefix: str
+    info: dict[str, Any],
+    models: list[str],
+    ports: dict[str, int],
+    shm_prefix: str,
+    repository: Path = MODEL_REPOSITORY,
 ) -> list[str]:
     cmd = [
         info["tritonserver"],
-        f"--model-repository={MODEL_REPOSITORY}",
+        f"--model-repository={repository}",
         f"--backend-directory={info['backend_dir']}",
         "--model-control-mode=explicit",
         *(f"--load-model={m}" for m in models),
@@ -424,7 +428,8 @@ def launch(args: argparse.Namespace, info: dict[str, Any]) -> subprocess.Popen[b
     venv: Path = args.venv
     pidfile: Path = args.pidfile or venv / "tritonserver.pid"
     logfile: Path = args.log or venv / "tritonserver.log"
-    models = _model_list(args.models)
+    repository = Path(args.model_repository).resolve()
+    models = _model_list(args.models, repository)
     pid = read_pid(pidfile)
     if pid is not None and is_tritonserver(pid):
         raise Failure(f"tritonserver already running (pid {pid}, {pidfile}): stop it first")
@@ -435,7 +440,7 @@ def launch(args: argparse.Namespace, info: dict[str, Any]) -> subprocess.Popen[b
     for what, port in ports.items():
         _check_port(port, what)
     shm_prefix = args.shm_prefix or f"asrd_triton_{args.http_port}_"
-    cmd = server_command(info, models, ports, shm_prefix)
+    cmd = server_command(info, models, ports, shm_prefix, repository)
     logfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -588,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--grpc-port", type=int, default=8001)
         p.add_argument("--metrics-port", type=int, default=8002)
         p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated, to load")
+        p.add_argument(
+            "--model-repository",
+            default=str(MODEL_REPOSITORY),
+            help="model repository (default: configs/triton)",
+        )
         p.add_argument("--log", type=Path, help="server output; default <venv>/tritonserver.log")
         p.add_argument("--shm-prefix", help="Python backend's /dev/shm names; default per port")
 

@@ -79,6 +79,7 @@ class _Stream:
     nbytes: int = 0
     chunks: int = 0
     speaking: bool = False
+    failed: bool = False
 
 
 class FakeDaemon:
@@ -242,15 +243,18 @@ class FakeDaemon:
                 )
                 return
             if stream in self.fail_streams:
-                del streams[stream]
-                send(
-                    Error(
-                        code=ErrorCode.INFERENCE_FAILED,
-                        message="backend exploded",
-                        stream=stream,
-                        retry_after_ms=250,
+                # Like asrd: the utterance fails, the stream goes on (and ends with no final).
+                if not st.failed:
+                    st.failed = True
+                    send(
+                        Error(
+                            code=ErrorCode.INFERENCE_FAILED,
+                            message="backend exploded",
+                            stream=stream,
+                            retry_after_ms=250,
+                            utterance=0,
+                        )
                     )
-                )
                 return
             st.last_seq = msg.seq
             st.nbytes += len(msg.pcm)
@@ -264,6 +268,9 @@ class FakeDaemon:
             if st.interim:
                 out.append(Partial(stream=stream, utterance=0, text=str(st.nbytes), seq=msg.seq))
             send(*out)
+        elif isinstance(msg, Finish) and st.failed:
+            del streams[stream]
+            send(Closed(stream=stream, reason="finished"))
         elif isinstance(msg, Finish):
             del streams[stream]
             end_ms = st.nbytes * 1000 // (2 * st.rate)

@@ -29,7 +29,7 @@ def test_daemon_transcribes_through_triton(
     shared_memory: str,
 ) -> None:
     daemon = start_daemon(
-        f'lanes = 1\n[backend]\nkind = "triton"\n[backend.triton]\nurl = "{server.url}"\n'
+        f'lanes = 1\n[backend]\nkind = "triton"\n[backend.triton]\nendpoints = ["{server.url}"]\n'
         f'shared_memory = "{shared_memory}"\n'
     )
     pcm = read_wav(SPEECH / "librivox-0880.wav")

@@ -8,8 +8,10 @@ region with the server's prefix are gone.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -71,6 +73,86 @@ def _group_alive(pgid: int) -> list[int]:
             if fields[0] not in "ZX" and int(fields[2]) == pgid:
                 alive.append(int(entry.name))
     return alive
+
+
+class ServerControl:
+    """A development Triton server on fixed free ports that a test may kill and start again."""
+
+    def __init__(self, tmp: Path, models: str = "asr_streaming,asr_light") -> None:
+        self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
+        self.prefix = f"asrd_test_triton_{os.getpid()}_{next(_starts)}_"
+        self.pidfile, self.log = tmp / "tritonserver.pid", tmp / "tritonserver.log"
+        self.models = models
+        self.pid: int | None = None
+        self.pids: list[int] = []  # every server this control started, for the final check
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def server(self) -> Server:
+        assert self.pid is not None
+        return Server(self.url, self.http_port, self.pid, self.prefix, self.log)
+
+    def start(self) -> None:
+        done = _script(
+            "start",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={self.http_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--pidfile={self.pidfile}",
+            f"--log={self.log}",
+            f"--shm-prefix={self.prefix}",
+            f"--models={self.models}",
+            timeout=180,
+        )
+        assert done.returncode == 0, f"start failed:\n{done.stdout}\n{done.stderr}"
+        self.pid = int(self.pidfile.read_text())
+        self.pids.append(self.pid)
+
+    def kill9(self) -> None:
+        """SIGKILL the server and its backend stubs (a crash), and wait until they are gone."""
+        assert self.pid is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _group_alive(self.pid):
+            assert time.monotonic() < deadline, "the killed server is still there"
+            time.sleep(0.05)
+        self.pidfile.unlink(missing_ok=True)
+        self.pid = None
+        # What a crashed server leaves in /dev/shm (its stubs' regions) is the operator's to
+        # remove, as after any crash; the test's checks are about asrd's own segments.
+        for leftover in Path("/dev/shm").glob(self.prefix + "*"):
+            leftover.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            done = _script("stop", f"--pidfile={self.pidfile}", timeout=60)
+            assert done.returncode == 0, f"stop failed:\n{done.stdout}\n{done.stderr}"
+            self.pid = None
+        for pid in self.pids:
+            assert _group_alive(pid) == [], "tritonserver or a backend stub is still running"
+        leaked = sorted(p.name for p in Path("/dev/shm").glob(self.prefix + "*"))
+        assert leaked == [], f"shared memory left behind: {leaked}"
+
+
+def setup_server_env() -> None:
+    t0 = time.monotonic()
+    done = _script("setup", timeout=800)
+    assert done.returncode == 0, f"setup failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    print(f"\ntriton setup: {time.monotonic() - t0:.1f} s")  # shown with -s
+
+
+@pytest.fixture
+def server_control(tmp_path: Path) -> Iterator[ServerControl]:
+    """A function-scoped server (not started: call ``start()``), stopped and checked after."""
+    setup_server_env()
+    control = ServerControl(tmp_path)
+    try:
+        yield control
+    finally:
+        control.stop()
 
 
 @pytest.fixture(scope="module")

@@ -302,6 +302,19 @@ class CircuitBreaker:
         elif self._state is BreakerState.HALF_OPEN and self._probes:
             self._reopen(now, f"probe failed{suffix}")
 
+    def trip(self, reason: str) -> None:
+        """Open now, whatever the counts: the caller knows the endpoint is down (a failed
+        health probe). In OPEN nothing changes; in HALF_OPEN it is a failed probe (re-open with
+        the doubled period); in CLOSED it opens for ``open_s``."""
+        now = self._clock()
+        self._advance(now)
+        self._last_failure_reason = reason
+        if self._state is BreakerState.HALF_OPEN:
+            self._reopen(now, reason)
+        elif self._state is BreakerState.CLOSED:
+            self._open_period = self.config.open_s
+            self._open(now, reason)
+
     # -- internals -----------------------------------------------------------------------
 
     def _probe_slot_free(self) -> bool:

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import msgspec
 
 from ipc import records as rec
-from ipc.heartbeat import INFER_COUNTERS, WorkerState
+from ipc.heartbeat import BACKEND_COUNTERS, INFER_COUNTERS, WorkerState
 from ipc.protocol import ErrorCode
 from ipc.ring import Record
-from ipc.shm import segment_name
+from ipc.shm import is_stale_segment, triton_region_name
 from workers.backends import create_backend
-from workers.backends.base import Backend, BackendBusy, Transcript
+from workers.backends.base import Backend, BackendBusy, BackendUnavailable, Transcript
 from workers.common import LaneWorker, parent_alive, setup_process
 from workers.spec import WorkerSpec, load_spec
 
@@ -59,11 +59,20 @@ class InferWorker(LaneWorker):
         cfg = spec.config
         self.heartbeat_interval = cfg.heartbeat_interval_s
         if backend is None:
-            region = segment_name(cfg.instance, spec.supervisor_pid, "triton", spec.lane)
-            backend = create_backend(cfg.backend, shm_name=region)
+            backend = create_backend(
+                cfg.backend,
+                region_name=lambda i: triton_region_name(
+                    cfg.instance, spec.supervisor_pid, spec.lane, i
+                ),
+                max_pending_audio_s=cfg.limits.max_pending_audio_s,
+                is_stale_region=lambda name: is_stale_segment(name, cfg.instance),
+                label=f"lane {spec.lane}: ",
+            )
         self.backend = backend
         self.utterances: dict[int, Utterance] = {}
         self.waiting: deque[Utterance] = deque()
+        # Audio of started utterances from the current batch of records, fed at its end.
+        self.feeds: dict[int, list[bytes]] = {}
         self.stopping = False
         self.counters = dict.fromkeys(INFER_COUNTERS, 0)
         self._enc = msgspec.msgpack.Encoder()
@@ -84,6 +93,7 @@ class InferWorker(LaneWorker):
         timeout_ms = int(self.heartbeat_interval * 1000)
         while not self.stopping:
             records = self.audio.pop_many(BATCH)
+            self.backend.maintain()
             if not records:
                 self.emit_partials()
                 self.flush_signal()
@@ -99,6 +109,7 @@ class InferWorker(LaneWorker):
                 for r in records:
                     self.handle(r)
                     self.beat()
+                self.flush_feeds()
                 self.emit_partials()
                 self.flush_signal()
             now = time.monotonic()
@@ -120,6 +131,9 @@ class InferWorker(LaneWorker):
         c = self.counters
         c["active_utterances"] = self.backend.active()
         c["waiting_utterances"] = len(self.waiting)
+        stats = self.backend.stats()
+        for name in BACKEND_COUNTERS:
+            c[name] = stats.get(name, 0)
         self.slot.publish(list(c.values()))
 
     def close(self) -> None:
@@ -139,17 +153,13 @@ class InferWorker(LaneWorker):
             c["audio_bytes"] += len(r.payload)
             u.audio_seq = r.seq
             if u.started:
-                t0 = time.perf_counter()
-                try:
-                    self.backend.feed(r.key, r.payload)
-                except Exception as exc:  # a recognizer failure ends this utterance only
-                    self.fail(u, exc)
-                    return
-                c["decode_us"] += int((time.perf_counter() - t0) * 1e6)
-                u.dirty = True
+                self.feeds.setdefault(r.key, []).append(r.payload)
             else:
                 u.waiting_audio.append(r.payload)
-        elif kind == rec.BEGIN:
+            return
+        if self.feeds:
+            self.flush_feeds()  # audio goes in before anything else happens to its utterance
+        if kind == rec.BEGIN:
             begin = self._begin_dec.decode(r.payload)
             old = self.utterances.pop(r.key, None)
             if old is not None:
@@ -179,6 +189,29 @@ class InferWorker(LaneWorker):
             log.info("ingress generation %d started; abandoned utterances cleared", r.key)
         else:
             c["dropped_records"] += 1
+
+    def flush_feeds(self) -> None:
+        """Feed the audio gathered from this batch of records: one chunk per stream (its
+        records joined), all streams in one call so a backend can overlap them."""
+        if not self.feeds:
+            return
+        feeds, self.feeds = self.feeds, {}
+        items = [
+            (key, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            for key, chunks in feeds.items()
+        ]
+        t0 = time.perf_counter()
+        errors = self.backend.feed_many(items)
+        self.counters["decode_us"] += int((time.perf_counter() - t0) * 1e6)
+        for key, _ in items:
+            u = self.utterances.get(key)
+            if u is None:
+                continue
+            error = errors.get(key)
+            if error is not None:  # a recognizer failure ends this utterance only
+                self.fail(u, error)
+            else:
+                u.dirty = True
 
     def try_start(self, u: Utterance) -> bool:
         try:
@@ -246,12 +279,19 @@ class InferWorker(LaneWorker):
         self.start_waiting()
 
     def fail(self, u: Utterance, exc: Exception) -> None:
-        log.error("recognizer failed on stream %x utterance %d: %s", u.key, u.number, exc)
         self.counters["failures"] += 1
         self.drop(u)
-        payload = self._enc.encode(
-            rec.UtteranceError(ErrorCode.INFERENCE_FAILED, f"recognizer failed: {exc}")
-        )
+        if isinstance(exc, BackendUnavailable):
+            log.warning("stream %x utterance %d: %s", u.key, u.number, exc)
+            error = rec.UtteranceError(
+                ErrorCode.INFERENCE_UNAVAILABLE,
+                str(exc),
+                retry_after_ms=max(1, round(exc.retry_after_s * 1000)),
+            )
+        else:
+            log.error("recognizer failed on stream %x utterance %d: %s", u.key, u.number, exc)
+            error = rec.UtteranceError(ErrorCode.INFERENCE_FAILED, f"recognizer failed: {exc}")
+        payload = self._enc.encode(error)
         self.push_result(rec.FAILED, u.key, u.number, payload)
 
     # --- partials -------------------------------------------------------------------------------

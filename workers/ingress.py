@@ -776,11 +776,20 @@ class Ingress(LaneWorker):
             self.counters["finals"] += 1
             self.maybe_close(stream)
         elif kind == rec.FAILED:
+            # One utterance failed (no final will come for it); the stream goes on.
             err = self._error_dec.decode(r.payload)
             stream.pending.pop(r.seq, None)
-            self.stream_error(conn, stream.id, err.code, f"utterance {r.seq}: {err.message}")
-            self.abandon(stream)
-            self.check_drained()
+            self.counters["errors_sent"] += 1
+            conn.send(
+                p.Error(
+                    code=err.code,
+                    message=f"utterance {r.seq}: {err.message}",
+                    stream=stream.id,
+                    retry_after_ms=err.retry_after_ms,
+                    utterance=r.seq,
+                )
+            )
+            self.maybe_close(stream)
 
     def infer_restarted(self) -> None:
         """The lane's infer worker died: utterances it held are lost; say so per stream."""

@@ -6,12 +6,15 @@ imported when it is chosen.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from daemon.config import BackendConfig
 from workers.backends.base import (
     SAMPLE_RATE,
     Backend,
     BackendBusy,
     BackendError,
+    BackendUnavailable,
     Transcript,
     WordTiming,
 )
@@ -21,17 +24,28 @@ __all__ = [
     "Backend",
     "BackendBusy",
     "BackendError",
+    "BackendUnavailable",
     "Transcript",
     "WordTiming",
     "create_backend",
 ]
 
 
-def create_backend(config: BackendConfig, shm_name: str | None = None) -> Backend:
+def create_backend(
+    config: BackendConfig,
+    *,
+    region_name: Callable[[int], str] | None = None,
+    max_pending_audio_s: float = 120.0,
+    is_stale_region: Callable[[str], bool] | None = None,
+    label: str = "",
+) -> Backend:
     """The backend ``config.kind`` names, built from its section of the config.
 
-    ``shm_name``: the name of the shared-memory region a ``triton`` backend with
-    ``shared_memory = "system"`` creates (one per lane, named by the supervisor's scheme).
+    For ``triton``: ``region_name(i)`` names the shared-memory region of endpoint ``i`` (one
+    per lane and endpoint, by the supervisor's scheme; used with ``shared_memory = "system"``),
+    ``max_pending_audio_s`` caps the audio kept per utterance for replays, ``is_stale_region``
+    tells which regions registered on a server were left by dead workers, and ``label``
+    prefixes log lines.
     """
     if config.kind == "embedded":
         from workers.backends.embedded import EmbeddedBackend
@@ -42,14 +56,40 @@ def create_backend(config: BackendConfig, shm_name: str | None = None) -> Backen
 
         return NullBackend(config.null)
     if config.kind == "triton":
+        from workers.backends.failover import FailoverBackend
         from workers.backends.triton import TritonBackend
 
         t = config.triton
-        return TritonBackend(
-            t.url,
-            t.model,
-            shm_name=shm_name if t.shared_memory == "system" else None,
-            shm_bytes=t.shm_bytes,
-            timeout_s=t.timeout_s,
+        endpoints: list[TritonBackend] = []
+        try:
+            for i, url in enumerate(t.endpoints):
+                system = t.shared_memory == "system" and region_name is not None
+                endpoints.append(
+                    TritonBackend(
+                        url,
+                        t.model,
+                        protocol=t.protocol,
+                        shm_name=region_name(i) if system and region_name else None,
+                        shm_bytes=t.shm_bytes,
+                        timeout_s=t.timeout_s,
+                    )
+                )
+            fallback: Backend | None = None
+            if t.fallback == "embedded":
+                from workers.backends.embedded import EmbeddedBackend
+
+                fallback = EmbeddedBackend(config.embedded)
+        except BaseException:
+            for backend in endpoints:
+                backend.close()
+            raise
+        return FailoverBackend(
+            endpoints,
+            t.breaker,
+            fallback=fallback,
+            max_pending_bytes=int(max_pending_audio_s * SAMPLE_RATE * 2),
+            health_interval_s=t.health_interval_s,
+            is_stale_region=is_stale_region,
+            label=label,
         )
     raise BackendError(f"unknown backend kind {config.kind!r}")

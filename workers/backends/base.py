@@ -13,6 +13,7 @@ gives each stream to one thread at a time). Cost and blocking behaviour are per 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from types import TracebackType
 from typing import NamedTuple
 
@@ -41,6 +42,15 @@ class BackendError(Exception):
     """The backend failed, or was used against the protocol (unknown key, key already open)."""
 
 
+class BackendUnavailable(BackendError):
+    """No recognizer can take the utterance now (every endpoint down, no fallback); try again
+    after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Backend(ABC):
     """One recognizer; see the module docstring for the call sequence and threading model."""
 
@@ -53,6 +63,23 @@ class Backend(ABC):
     @abstractmethod
     def feed(self, key: int, pcm: bytes) -> None:
         """More 16 kHz s16le mono audio of ``key``'s utterance."""
+
+    def feed_many(self, items: Sequence[tuple[int, bytes]]) -> dict[int, Exception]:
+        """Feed several streams at once (one chunk each); the error of each key that failed.
+
+        A backend that can overlap the work of several streams (Triton's concurrent requests)
+        overrides this; the default feeds one after the other."""
+        errors: dict[int, Exception] = {}
+        for key, pcm in items:
+            try:
+                self.feed(key, pcm)
+            except Exception as exc:
+                errors[key] = exc
+        return errors
+
+    def maintain(self) -> None:  # noqa: B027 (an optional hook: most backends need nothing)
+        """Periodic work (health probes), called from the infer worker's loop at least every
+        heartbeat interval. Default: nothing."""
 
     @abstractmethod
     def partial(self, key: int) -> str:

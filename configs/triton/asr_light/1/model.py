@@ -59,6 +59,9 @@ class TritonPythonModel:
         idle_us = int(config.get("sequence_batching", {}).get("max_sequence_idle_microseconds", 0))
         self._idle_s = float(params.get("idle_timeout_s", idle_us / 1e6 or 30.0))
         self._delay_s = float(params.get("delay_ms", "0")) / 1000.0
+        # Fault injection for client tests: this many END answers (of sequences of at least
+        # 1600 samples, so one-chunk health probes are not hit) come without IS_FINAL.
+        self._malformed_finals = int(params.get("malformed_finals", "0"))
         self._live: dict[int, _Sequence] = {}
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -100,6 +103,10 @@ class TritonPythonModel:
         seq.sumsq += sumsq
         if _flag(request, "END"):
             del self._live[corrid]
+            if self._malformed_finals > 0 and seq.samples >= 1600:
+                self._malformed_finals -= 1
+                text = np.array([[_text(seq.samples, seq.sumsq).encode()]], dtype=np.object_)
+                return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("TEXT", text)])
             return _response(_text(seq.samples, seq.sumsq), True)
         return _response(_text(audio.size, sumsq), False)
 
