@@ -55,8 +55,10 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Start ``asrd run`` with extra TOML; every daemon is stopped and checked for leaks."""
     started: list[tuple[DaemonProcess, str]] = []
 
-    def start(config: str = "", *, timeout: float = 90.0) -> DaemonProcess:
-        instance = f"t{os.getpid()}n{next(_counter)}"
+    def start(
+        config: str = "", *, timeout: float = 90.0, instance: str | None = None
+    ) -> DaemonProcess:
+        instance = instance or f"t{os.getpid()}n{next(_counter)}"
         runtime = tmp_path / f"rt{len(started)}"
         runtime.mkdir()
         daemon = DaemonProcess(

@@ -22,15 +22,19 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
 @needs_speech
-@pytest.mark.parametrize("shared_memory", ["system", "none"])
+@pytest.mark.parametrize(
+    ("protocol", "shared_memory"), [("grpc", "system"), ("grpc", "none"), ("http", "system")]
+)
 def test_daemon_transcribes_through_triton(
     start_daemon: Start,
     server: Server,
+    protocol: str,
     shared_memory: str,
 ) -> None:
+    url = server.url if protocol == "grpc" else f"127.0.0.1:{server.http_port}"
     daemon = start_daemon(
-        f'lanes = 1\n[backend]\nkind = "triton"\n[backend.triton]\nendpoints = ["{server.url}"]\n'
-        f'shared_memory = "{shared_memory}"\n'
+        f'lanes = 1\n[backend]\nkind = "triton"\n[backend.triton]\nendpoints = ["{url}"]\n'
+        f'protocol = "{protocol}"\nshared_memory = "{shared_memory}"\n'
     )
     pcm = read_wav(SPEECH / "librivox-0880.wav")
     with Client.connect(daemon.socket_path) as c:

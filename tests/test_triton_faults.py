@@ -15,6 +15,7 @@ checks that no region is left registered on the server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
 
 from daemon.config import EmbeddedConfig
 from daemon.launcher import DaemonProcess
@@ -293,3 +295,75 @@ def test_malformed_response_fails_one_utterance_and_the_stream_goes_on(
     assert endpoint_state(daemon) == "up"  # a model error is not the endpoint's failure
     assert daemon.stop() == 0
     assert registered_regions(url) == []
+
+
+def test_second_endpoint_takes_over_and_first_comes_back(
+    start_daemon: Start, server_control: ServerControl, tmp_path: Path
+) -> None:
+    second = ServerControl(tmp_path / "second")
+    (tmp_path / "second").mkdir()
+    try:
+        server_control.start()
+        second.start()
+        first_url, second_url = server_control.url, second.url
+        cfg = config(first_url, timeout_s=2.0).replace(
+            f'endpoints = ["{first_url}"]', f'endpoints = ["{first_url}", "{second_url}"]'
+        )
+        daemon = start_daemon(cfg)
+        wait_until(
+            lambda: [e.state for e in status(daemon).endpoints] == ["up", "up"],
+            WAIT,
+            "both endpoints up",
+        )
+        pcm = _wav("coffee.wav")
+        s = Stream(daemon, "moving")
+        s.wait_partial(s.send(pcm[: half(pcm)]))
+        assert len(registered_regions(first_url)) == 1  # one region per lane and endpoint
+        server_control.kill9()
+        s.send(pcm[half(pcm) :])
+        assert s.finish() == ([light_final(pcm)], [])  # replayed whole on the second server
+        wait_until(
+            lambda: [e.state for e in status(daemon).endpoints] == ["down", "up"],
+            WAIT,
+            "first endpoint down",
+        )
+        s = Stream(daemon, "second")
+        s.send(pcm)
+        assert s.finish() == ([light_final(pcm)], [])
+        server_control.start()
+        wait_until(
+            lambda: [e.state for e in status(daemon).endpoints] == ["up", "up"],
+            WAIT,
+            "first endpoint back",
+        )
+        totals = infer_counters(daemon)
+        assert totals["infer.failovers"] == 1 and totals["infer.unavailable"] == 0
+        assert daemon.stop() == 0
+        assert registered_regions(first_url) == [] and registered_regions(second_url) == []
+    finally:
+        second.stop()
+
+
+def test_regions_left_by_a_dead_daemon_are_unregistered_at_start(
+    start_daemon: Start, server_control: ServerControl
+) -> None:
+    server_control.start()
+    url = server_control.url
+    # A region registered by a daemon of this instance that died (pid 999999 is not running).
+    daemon = start_daemon(config(url, shared_memory="none"))
+    instance = status(daemon).instance
+    assert daemon.stop() == 0
+    stale = f"asrd-{instance}-999999-triton0"
+    region = shm.create_shared_memory_region(stale, "/" + stale, 65536)
+    try:
+        with grpcclient.InferenceServerClient(url) as c:
+            c.register_system_shared_memory(stale, "/" + stale, 65536)
+        assert registered_regions(url) == [stale]
+        daemon = start_daemon(config(url), instance=instance)
+        wait_until(lambda: stale not in registered_regions(url), WAIT, "stale region swept")
+        assert [r for r in registered_regions(url) if r != stale]  # the daemon's own
+        assert daemon.stop() == 0
+        assert registered_regions(url) == []
+    finally:
+        with contextlib.suppress(shm.SharedMemoryException, OSError):  # swept by the daemon
+            shm.destroy_shared_memory_region(region)
