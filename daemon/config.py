@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ipc.protocol import VadOverrides
 
 SAMPLE_RATES = (8000, 16000, 32000, 48000)
+TRITON_WAIT_MARGIN_S = 1.0  # beyond timeout_s, how long a batch of Triton requests may take
 
 
 class VadConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -274,6 +275,18 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         p.append(
             f"heartbeat_timeout_s = {_toml_value(cfg.heartbeat_timeout_s)}: must be more than "
             f"2 * heartbeat_interval_s (2 * {_fmt(cfg.heartbeat_interval_s)})"
+        )
+    # One Triton request blocks the infer worker's loop for up to timeout_s (plus a margin of
+    # TRITON_WAIT_MARGIN_S for concurrent requests); the worker beats between requests.
+    tri = cfg.backend.triton
+    if cfg.backend.kind == "triton" and not (
+        cfg.heartbeat_timeout_s > tri.timeout_s + 2 * TRITON_WAIT_MARGIN_S
+    ):
+        p.append(
+            f"heartbeat_timeout_s = {_toml_value(cfg.heartbeat_timeout_s)}: must be more than "
+            f"backend.triton.timeout_s + {_fmt(2 * TRITON_WAIT_MARGIN_S)} "
+            f"({_fmt(tri.timeout_s)} + {_fmt(2 * TRITON_WAIT_MARGIN_S)}), or the supervisor "
+            "would kill an infer worker waiting on a slow server"
         )
     # Backoff doubles from the initial value and is capped at the maximum.
     if cfg.restart.backoff_max_s < cfg.restart.backoff_initial_s:

@@ -291,6 +291,11 @@ def test_not_utf8() -> None:
             "heartbeat_timeout_s = 1.0: must be more than 2 * heartbeat_interval_s (2 * 0.5)",
         ),
         (
+            'heartbeat_timeout_s = 8.0\nbackend.kind = "triton"\nbackend.triton.timeout_s = 6.0',
+            "heartbeat_timeout_s = 8.0: must be more than backend.triton.timeout_s + 2 (6 + 2), "
+            "or the supervisor would kill an infer worker waiting on a slow server",
+        ),
+        (
             "restart.backoff_initial_s = 5\nrestart.backoff_max_s = 1",
             "restart.backoff_max_s = 1.0: must be >= restart.backoff_initial_s (5)",
         ),

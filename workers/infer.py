@@ -58,6 +58,12 @@ class InferWorker(LaneWorker):
         super().__init__(spec)
         cfg = spec.config
         self.heartbeat_interval = cfg.heartbeat_interval_s
+        self.utterances: dict[int, Utterance] = {}
+        self.waiting: deque[Utterance] = deque()
+        # Audio of started utterances from the current batch of records, fed at its end.
+        self.feeds: dict[int, list[bytes]] = {}
+        self.stopping = False
+        self.counters = dict.fromkeys(INFER_COUNTERS, 0)
         if backend is None:
             backend = create_backend(
                 cfg.backend,
@@ -67,14 +73,9 @@ class InferWorker(LaneWorker):
                 max_pending_audio_s=cfg.limits.max_pending_audio_s,
                 is_stale_region=lambda name: is_stale_segment(name, cfg.instance),
                 label=f"lane {spec.lane}: ",
+                on_progress=self.beat,
             )
         self.backend = backend
-        self.utterances: dict[int, Utterance] = {}
-        self.waiting: deque[Utterance] = deque()
-        # Audio of started utterances from the current batch of records, fed at its end.
-        self.feeds: dict[int, list[bytes]] = {}
-        self.stopping = False
-        self.counters = dict.fromkeys(INFER_COUNTERS, 0)
         self._enc = msgspec.msgpack.Encoder()
         self._begin_dec = msgspec.msgpack.Decoder(rec.UtteranceBegin)
         self._results_pushed = False

@@ -38,14 +38,16 @@ def create_backend(
     max_pending_audio_s: float = 120.0,
     is_stale_region: Callable[[str], bool] | None = None,
     label: str = "",
+    on_progress: Callable[[], None] | None = None,
 ) -> Backend:
     """The backend ``config.kind`` names, built from its section of the config.
 
     For ``triton``: ``region_name(i)`` names the shared-memory region of endpoint ``i`` (one
     per lane and endpoint, by the supervisor's scheme; used with ``shared_memory = "system"``),
     ``max_pending_audio_s`` caps the audio kept per utterance for replays, ``is_stale_region``
-    tells which regions registered on a server were left by dead workers, and ``label``
-    prefixes log lines.
+    tells which regions registered on a server were left by dead workers, ``label``
+    prefixes log lines, and ``on_progress`` is called between requests (the worker's
+    heartbeat: a long series of requests is progress, not a hang).
     """
     if config.kind == "embedded":
         from workers.backends.embedded import EmbeddedBackend
@@ -72,6 +74,7 @@ def create_backend(
                         shm_name=region_name(i) if system and region_name else None,
                         shm_bytes=t.shm_bytes,
                         timeout_s=t.timeout_s,
+                        on_progress=on_progress,
                     )
                 )
             fallback: Backend | None = None
@@ -91,5 +94,6 @@ def create_backend(
             health_interval_s=t.health_interval_s,
             is_stale_region=is_stale_region,
             label=label,
+            on_progress=on_progress,
         )
     raise BackendError(f"unknown backend kind {config.kind!r}")

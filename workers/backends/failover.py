@@ -12,14 +12,15 @@ let a call through). An utterance stays where it is until that target fails.
 Nothing lost: every chunk of an open utterance is kept (up to ``max_pending_bytes``, the
 ``limits.max_pending_audio_s`` cap) until its final. When its endpoint fails (unreachable, timed
 out: :class:`EndpointError`) or forgets the sequence (restarted: :class:`SequenceLost`), the
-utterance moves to the next usable target and its audio is replayed there from the start as one
-chunk, under a new sequence; the client sees one final, from wherever the utterance ended up
-(a partial may step back while the replay catches up). With no usable target the utterance is
-*parked*: its audio is still kept, and it is placed again on its next chunk or at its end; if
-nothing is usable at its end, it fails with ``inference_unavailable``. An utterance that grew
-past the cap keeps no audio: if its target fails after that it fails with ``inference_failed``,
-saying so. A model error (an exception in the model, a malformed answer) fails that utterance
-only and does not count against the endpoint.
+utterance moves to the next usable target and its audio is replayed there from the start, in
+requests of at most 1 s of audio (``REPLAY_PIECE``), under a new sequence; the client sees one
+final, from wherever the utterance ended up (a partial may step back while the replay catches
+up). With no usable target the utterance is *parked*: its audio is still kept, and it is placed
+again on its next chunk or at its end; if nothing is usable at its end, it fails with
+``inference_unavailable``. An utterance that grew past the cap keeps no audio: if its target
+fails after that it fails with ``inference_failed``, saying so. A model error (an exception in
+the model, a malformed answer) fails that utterance only and does not count against the
+endpoint.
 
 Breakers: every request batch to an endpoint is one call (``allow()`` before, one
 ``record_*`` after: a failure if any request of it failed on the endpoint's side). A request
@@ -57,6 +58,9 @@ from workers.breaker import BreakerConfig, BreakerState, CircuitBreaker
 FALLBACK = -1
 PARKED = -2
 _T = TypeVar("_T")
+# A replay goes in requests of at most 1 s of audio, each within timeout_s on a real
+# recognizer (a 30 s utterance in one request would take pocketsphinx about 9 s).
+REPLAY_PIECE = 32000
 STATE_CODES = {BreakerState.CLOSED: 1, BreakerState.HALF_OPEN: 2, BreakerState.OPEN: 3}  # heartbeat
 
 log = logging.getLogger("asrd.triton")
@@ -104,6 +108,7 @@ class FailoverBackend(Backend):
         is_stale_region: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         label: str = "",
+        on_progress: Callable[[], None] | None = None,
     ) -> None:
         if not endpoints:
             raise BackendError("no Triton endpoint configured")
@@ -118,6 +123,7 @@ class FailoverBackend(Backend):
         self._health_interval = health_interval_s
         self._is_stale_region = is_stale_region
         self._routes: dict[int, _Route] = {}
+        self._on_progress = on_progress
         self._counters = dict.fromkeys(
             (
                 "failovers",
@@ -187,6 +193,7 @@ class FailoverBackend(Backend):
                     raise self._unavailable()
                 return
             audio = b"".join(r.audio) if r.audio else b""
+            pieces = [audio[i : i + REPLAY_PIECE] for i in range(0, len(audio), REPLAY_PIECE)]
             if target == FALLBACK:
                 assert self._fallback is not None
                 try:
@@ -199,26 +206,27 @@ class FailoverBackend(Backend):
                         "fallback is busy",
                         self.retry_after_s(),
                     ) from None
-                if audio:
-                    try:
-                        self._fallback.feed(key, audio)
-                    except Exception:
-                        self._fallback.cancel(key)
-                        raise
+                try:
+                    for piece in pieces:
+                        self._fallback.feed(key, piece)
+                        self._progress()
+                except Exception:
+                    self._fallback.cancel(key)
+                    raise
                 self._counters["fallback_utterances"] += 1
             else:
                 ep = self._endpoints[target]
                 ep.backend.begin(key)
-                if audio:
-                    try:
-                        self._guarded(ep, functools.partial(ep.backend.feed, key, audio))
-                    except (EndpointError, SequenceLost):
-                        ep.backend.forget(key)
-                        exclude.add(target)
-                        continue
-                    except BackendError:
-                        ep.backend.forget(key)
-                        raise
+                try:
+                    for piece in pieces:
+                        self._guarded(ep, functools.partial(ep.backend.feed, key, piece))
+                except (EndpointError, SequenceLost):
+                    ep.backend.forget(key)
+                    exclude.add(target)
+                    continue
+                except BackendError:
+                    ep.backend.forget(key)
+                    raise
             if audio or not beginning:
                 self._counters["replays"] += 1
                 self._counters["replayed_bytes"] += len(audio)
@@ -236,14 +244,18 @@ class FailoverBackend(Backend):
         elif old == FALLBACK and self._fallback is not None:
             self._fallback.cancel(key)
         r.target = PARKED
-        self._counters["failovers"] += 1
         if not r.replayable:
             raise BackendError(
                 f"{exc}; the utterance is longer than limits.max_pending_audio_s"
                 f" ({self._max_pending / 32000:g} s), so its audio was not kept for a replay"
             )
+        self._counters["failovers"] += 1
         log.warning("%sstream %x moves after: %s", self._label, key, exc)
         self._place(key, r, exclude, beginning=False)
+
+    def _progress(self) -> None:
+        if self._on_progress is not None:
+            self._on_progress()
 
     def _keep(self, r: _Route, pcm: bytes) -> None:
         if not r.replayable:
@@ -319,8 +331,9 @@ class FailoverBackend(Backend):
         """A parked utterance: place it again if anything is usable now."""
         if not r.replayable:
             raise BackendError(
-                f"stream {key:x}: no recognizer was available and the utterance is longer than "
-                f"limits.max_pending_audio_s ({self._max_pending / 32000:g} s)"
+                f"stream {key:x}: its recognizer failed and the utterance is longer than "
+                f"limits.max_pending_audio_s ({self._max_pending / 32000:g} s), so its audio "
+                "was not kept for a replay"
             )
         if self._choose(set()) is not None:
             self._place(key, r, set(), beginning=False)
@@ -341,7 +354,8 @@ class FailoverBackend(Backend):
         if r is None:
             raise BackendError(f"stream {key} has no open utterance")
         try:
-            # Each failed attempt excludes an endpoint or parks the route: this ends.
+            # Each failed END replays the whole utterance elsewhere (or on the same endpoint
+            # after a lost sequence): a bounded number of attempts.
             for _ in range(2 * len(self._endpoints) + 2):
                 if r.target == PARKED:
                     self._replace(key, r)
@@ -358,6 +372,14 @@ class FailoverBackend(Backend):
             raise BackendError(f"stream {key:x}: every recognizer failed at the end")
         finally:
             self._routes.pop(key, None)
+            self._release(key, r)  # a no-op after an end; else a replay's sequence stays open
+
+    def _release(self, key: int, r: _Route) -> None:
+        if r.target >= 0:
+            self._endpoints[r.target].backend.forget(key)
+        elif r.target == FALLBACK and self._fallback is not None:
+            self._fallback.cancel(key)
+        r.target = PARKED
 
     def cancel(self, key: int) -> None:
         r = self._routes.pop(key, None)
@@ -410,6 +432,9 @@ class FailoverBackend(Backend):
                 state is BreakerState.CLOSED and ep.up is not True
             ):
                 self._probe(ep, now)
+            elif ep.up and not ep.swept:  # the sweep after the first good probe failed
+                ep.next_probe = now + self._health_interval
+                self._sweep(ep)
 
     def _probe(self, ep: _Endpoint, now: float) -> None:
         ep.next_probe = now + self._health_interval
@@ -440,6 +465,11 @@ class FailoverBackend(Backend):
         if ep.up is not True:
             log.info("%striton endpoint %s is up", self._label, ep.backend.url)
         ep.up = True
+        self._sweep(ep)
+
+    def _sweep(self, ep: _Endpoint) -> None:
+        if self._is_stale_region is None:
+            ep.swept = True
         if not ep.swept and self._is_stale_region is not None:
             try:
                 gone = ep.backend.sweep_regions(self._is_stale_region)

@@ -34,12 +34,12 @@ after its idle timeout): the caller replays the utterance from its start. Any ot
 fails, the endpoint is fine.
 
 Threading model: synchronous and single-threaded; one instance per infer-worker thread (the
-client and its connection are sticky to this instance). gRPC callbacks run on gRPC's threads
-and only store their result. Every request has a deadline of ``timeout_s`` (gRPC
-``client_timeout``; HTTP connection and network timeouts); ``feed_many`` waits at most that
-plus a margin. The model's configuration (``max_batch_size``, hence the input shape) is read on
-first use, so constructing the backend needs no reachable server.
-"""
+client and its connection are sticky to this instance). gRPC callbacks run on gRPC's threads and
+only store their result. Every request has a deadline of ``timeout_s`` (gRPC ``client_timeout``;
+HTTP connection and network timeouts); ``feed_many`` waits at most that plus
+``TRITON_WAIT_MARGIN_S``, and ``on_progress`` runs after each step (the worker's heartbeat). The
+model's configuration (``max_batch_size``, hence the input shape) is read on first use, so
+constructing the backend needs no reachable server."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
+from daemon.config import TRITON_WAIT_MARGIN_S
 from workers.backends.base import Backend, BackendError, Transcript
 
 INPUT, TEXT, IS_FINAL = "AUDIO", "TEXT", "IS_FINAL"
@@ -157,8 +158,12 @@ class TritonBackend(Backend):
         shm_bytes: int = 1 << 20,
         timeout_s: float = 5.0,
         max_batch: int = MAX_BATCH,
+        on_progress: Callable[[], None] | None = None,
     ) -> None:
         self.url = url
+        # Called after every request (batch): the infer worker beats its heartbeat there, so
+        # a long series of requests (a replay, orphan ENDs) is progress, not a hang.
+        self.on_progress = on_progress
         self._model = model
         self._protocol = protocol
         self._timeout_s = timeout_s
@@ -372,6 +377,8 @@ class TritonBackend(Backend):
             ready = self._client.is_model_ready(self._model, **self._timeout())
         except self._errors as exc:
             raise _classify(exc, what) from exc
+        finally:
+            self._progress()
         if not ready:
             raise EndpointError(f"{what}: the model is not ready")
         seq = _Sequence(self._next_id)
@@ -406,6 +413,10 @@ class TritonBackend(Backend):
         return stale
 
     # --- requests -----------------------------------------------------------------------------
+
+    def _progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress()
 
     def _get(self, key: int) -> _Sequence:
         if self._closed:
@@ -472,7 +483,10 @@ class TritonBackend(Backend):
             self._counters["errors"] += len(jobs)
             error = _classify(exc, what)
             return [error] * len(jobs)
+        finally:
+            self._progress()
         answers = self._send(jobs)
+        self._progress()
         in_shm = self._handle is not None
         lost = in_shm and any(isinstance(a, InferenceServerException) for a in answers)
         if lost and self._region_lost():
@@ -549,7 +563,7 @@ class TritonBackend(Backend):
             except self._errors as exc:
                 results[i] = exc
         for _ in range(sent):
-            if not done.acquire(timeout=self._timeout_s + 5.0):  # deadline plus a margin
+            if not done.acquire(timeout=self._timeout_s + TRITON_WAIT_MARGIN_S):
                 break
         return [
             r if r is not None else EndpointError(f"triton {self.url}: no answer in time")
