@@ -135,7 +135,12 @@ class DaemonProcess:
             self._tmp = None
 
     def __enter__(self) -> DaemonProcess:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # never READY: leave nothing running
+            self.kill_session()
+            self.cleanup()
+            raise
 
     def __exit__(
         self,
