@@ -91,7 +91,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
         print(msgspec.json.format(msgspec.json.encode(cfg)).decode())
     else:
-        print(f"{args.file}: ok ({cfg.lane_count()} lanes, {cfg.backend.kind} backend)")
+        from daemon.placement import plan
+        from daemon.platform import probe
+
+        placement = plan(cfg, probe())
+        print(f"{args.file}: ok ({cfg.backend.kind} backend; {placement.summary()})")
     return 0
 
 

@@ -123,6 +123,23 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     triton: TritonConfig = msgspec.field(default_factory=TritonConfig)
 
 
+class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where lanes run (daemon/placement.py, docs/platform.md)."""
+
+    # "bare-metal": lanes spread over NUMA nodes, workers pinned; "cloud": no pinning;
+    # "auto": cloud on a virtual machine, else bare-metal.
+    profile: Literal["auto", "bare-metal", "cloud"] = "auto"
+    # Override the profile; "on" where it cannot work is an error at start.
+    pinning: Literal["auto", "on", "off"] = "auto"
+    numa: Literal["auto", "on", "off"] = "auto"
+
+
+class IoConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # "auto" = epoll (asyncio), the faster path measured here; "io_uring" needs a kernel and
+    # sysctl that allow it (checked at start).
+    backend: Literal["auto", "epoll", "io_uring"] = "auto"
+
+
 class RestartConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     backoff_initial_s: Annotated[float, Meta(ge=0.0, le=60.0)] = 0.1
     backoff_max_s: Annotated[float, Meta(ge=0.0, le=600.0)] = 10.0
@@ -144,6 +161,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ring: RingConfig = msgspec.field(default_factory=RingConfig)
     vad: VadConfig = msgspec.field(default_factory=VadConfig)
     backend: BackendConfig = msgspec.field(default_factory=BackendConfig)
+    placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
+    io: IoConfig = msgspec.field(default_factory=IoConfig)
     restart: RestartConfig = msgspec.field(default_factory=RestartConfig)
 
     def resolved_runtime_dir(self) -> Path:
@@ -162,11 +181,6 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.control_socket:
             return Path(self.control_socket)
         return self.resolved_runtime_dir() / "control.sock"
-
-    def lane_count(self) -> int:
-        if self.lanes == "auto":
-            return max(1, len(os.sched_getaffinity(0)))
-        return self.lanes
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -34,6 +34,8 @@ import psutil
 from daemon import __version__
 from daemon.config import Config
 from daemon.errors import BootError, SocketInUseError
+from daemon.placement import plan as plan_placement
+from daemon.platform import format_cpulist, probe
 from daemon.systemd import Notifier, listen_fds
 from ipc import control as ctl
 from ipc.framing import BadFrame, FrameReader, FrameTooLarge, FrameWriter
@@ -128,6 +130,19 @@ class Supervisor:
     # --- boot -----------------------------------------------------------------------------------
     def boot(self) -> None:
         cfg = self.config
+        self.platform = probe()
+        self.plan = plan_placement(cfg, self.platform)  # ConfigError: an "on" that cannot work
+        log.info("placement: %s", self.plan.summary())
+        for lp in self.plan.lanes:
+            if lp.cpus:
+                log.info(
+                    "lane %d on CPU %s%s",
+                    lp.lane,
+                    format_cpulist(lp.cpus),
+                    f" (NUMA node {lp.node})" if lp.node is not None else "",
+                )
+        for warning in self.plan.warnings:
+            log.warning("placement: %s", warning)
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         swept = sweep_stale(cfg.instance, self.runtime_dir)
         if swept:
@@ -143,14 +158,16 @@ class Supervisor:
         self.control_sock.setblocking(False)
         self.selector.register(self.control_sock, selectors.EVENT_READ, "control")
         self.manifest = Manifest(self.runtime_dir, cfg.instance)
-        n_lanes = cfg.lane_count()
+        n_lanes = len(self.plan.lanes)
         name = segment_name(cfg.instance, self.pid, "heartbeat", 0)
         self.table = HeartbeatTable.create(name, n_lanes * 2)
         self.manifest.add(name)
         for lane in range(n_lanes):
             self.lanes.append(self._make_lane(lane))
             for role in ROLES:
-                self.slots.append(WorkerSlot(role, lane, slot_index(role, lane)))
+                self.slots.append(
+                    WorkerSlot(role, lane, slot_index(role, lane), cpus=self.plan.lanes[lane].cpus)
+                )
         log.info(
             "asrd %s: instance %r, %d lanes, %s backend, listening on %s",
             __version__,

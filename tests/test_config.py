@@ -101,7 +101,6 @@ def test_valid_overrides_of_every_kind() -> None:
     )
     assert cfg.socket_mode == 0o600
     assert cfg.lanes == 4
-    assert cfg.lane_count() == 4
     assert cfg.heartbeat_interval_s == 1.0
     assert cfg.vad.frame_ms == 10
     assert cfg.backend.embedded.beam == 1e-48
@@ -109,10 +108,6 @@ def test_valid_overrides_of_every_kind() -> None:
 
 def test_bom_is_tolerated() -> None:
     assert parse_config(b"\xef\xbb\xbflanes = 2\n", source=SRC).lanes == 2
-
-
-def test_lane_count_auto() -> None:
-    assert Config().lane_count() >= 1
 
 
 # --- single-field errors: path, value as written, what is allowed ---------------------------

@@ -44,8 +44,10 @@ constructing the backend needs no reachable server."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -76,9 +78,13 @@ _ENDPOINT_CODES = frozenset(
 )
 _HTTP_ENDPOINT_CODES = frozenset({"408", "429", "502", "503", "504"})
 _PROBE_SAMPLES = 160  # 10 ms of silence
+UNREGISTER_ATTEMPTS = 4
+UNREGISTER_PAUSE_S = 0.5
 _ORPHANS_MAX = 1024
 
 Protocol = Literal["grpc", "http"]
+
+log = logging.getLogger("asrd.triton")
 
 
 class EndpointError(BackendError):
@@ -354,15 +360,35 @@ class TritonBackend(Backend):
             self.cancel(key)
         self._closed = True
         if self._handle is not None:
-            if self._registered:
-                with contextlib.suppress(*self._errors):
-                    self._client.unregister_system_shared_memory(self._region, **self._timeout())
+            self._unregister_for_good()
             with contextlib.suppress(shm.SharedMemoryException, OSError):
                 shm.destroy_shared_memory_region(self._handle)
             self._handle = None
             self._registered = False
         with contextlib.suppress(Exception):
             self._client.close()
+
+    def _unregister_for_good(self) -> None:
+        """Unregister the region at exit (whether or not this client registered it: after a
+        reconnect the server may still hold an earlier registration). The server refuses
+        while requests that use it wait (timed-out ones it has not run yet): retry briefly."""
+        error: BaseException | None = None
+        for attempt in range(UNREGISTER_ATTEMPTS):
+            if attempt:
+                time.sleep(UNREGISTER_PAUSE_S)
+            try:
+                self._client.unregister_system_shared_memory(self._region, **self._timeout())
+                return
+            except self._errors as exc:
+                if isinstance(_classify(exc, ""), EndpointError):
+                    return  # the server is gone, and its registrations with it
+                error = exc
+        log.warning(
+            "triton %s: region %s may stay registered on the server: %s",
+            self.url,
+            self._region,
+            _message(error) if error is not None else "unknown",
+        )
 
     # --- health -------------------------------------------------------------------------------
 
