@@ -27,6 +27,7 @@ examples:
   asrd run                              # defaults: embedded recognizer, lanes = CPU count
   asrd run --config configs/asrd.toml
   asrd check-config configs/asrd.toml
+  asrd doctor                           # the machine, the placement plan, warnings
   asrctl transcribe samples/*.wav       # in another terminal
 """
 
@@ -58,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", metavar="FILE")
     check.add_argument("--print", action="store_true", help="print the resolved config as JSON")
+    doctor = sub.add_parser(
+        "doctor",
+        help="show what asrd sees on this machine and the placement it would choose",
+        description="Probe the machine (kernel, CPUs, NUMA nodes, virtualization, container, "
+        "io_uring, SIMD, /dev/shm) and print the plan a config would get here (lanes, CPUs, "
+        "NUMA nodes, pinning, io backend, each with the reason) and warnings. Starts nothing. "
+        "Exit 0 if the config can start here, 78 if it cannot.",
+    )
+    doctor.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: built-in)")
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
     status = sub.add_parser("status", help="show lanes, workers and counters (asrctl status)")
     status.add_argument("--json", action="store_true")
     status.add_argument("--control-socket", metavar="PATH")
@@ -99,6 +110,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from daemon.doctor import diagnose, format_report
+
+    cfg = load_config(args.config)
+    report = diagnose(cfg)
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(report)).decode())
+    else:
+        print(format_report(report, cfg))
+    return 0 if report.error is None else ConfigError.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -107,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "check-config":
             return cmd_check_config(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
         if args.command == "status":
             from daemon import asrctl
 
