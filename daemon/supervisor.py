@@ -26,6 +26,7 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +132,8 @@ class Supervisor:
     def boot(self) -> None:
         cfg = self.config
         self.platform = probe()
+        if not self.platform.supported:
+            raise BootError(f"asrd cannot run here: {self.platform.unsupported_reason}")
         self.plan = plan_placement(cfg, self.platform)  # ConfigError: an "on" that cannot work
         log.info("placement: %s", self.plan.summary())
         for lp in self.plan.lanes:
@@ -177,15 +180,33 @@ class Supervisor:
             self.socket_path,
         )
 
+    @contextlib.contextmanager
+    def _on_lane_node(self, n: int) -> Iterator[None]:
+        """Run on the CPUs of lane ``n``'s NUMA node meanwhile (with NUMA placement): creating
+        a ring allocates its pages (posix_fallocate), and Linux's default policy allocates on
+        the node of the CPU that asks, so the lane's rings land where its workers run."""
+        node = self.plan.lanes[n].node if self.plan.numa else None
+        cpus = [c for nd in self.platform.numa_nodes if nd.id == node for c in nd.cpus]
+        if not cpus:
+            yield
+            return
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, cpus)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, before)
+
     def _make_lane(self, n: int) -> Lane:
         cfg = self.config
         assert self.manifest is not None
         audio_name = segment_name(cfg.instance, self.pid, "audio", n)
         result_name = segment_name(cfg.instance, self.pid, "result", n)
-        audio = Ring.create(audio_name, cfg.ring.audio_bytes)
-        self.manifest.add(audio_name)
-        result = Ring.create(result_name, cfg.ring.result_bytes)
-        self.manifest.add(result_name)
+        with self._on_lane_node(n):
+            audio = Ring.create(audio_name, cfg.ring.audio_bytes)
+            self.manifest.add(audio_name)
+            result = Ring.create(result_name, cfg.ring.result_bytes)
+            self.manifest.add(result_name)
         if cfg.backend.kind == "triton" and cfg.backend.triton.shared_memory == "system":
             # The lane's infer worker creates these regions; listed here so that it is unlinked
             # at exit even if the worker could not do it.

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 
 from daemon.config import Config, parse_config
-from daemon.errors import ConfigError
+from daemon.errors import BootError, ConfigError
 from daemon.placement import plan, usable_cpus
 from daemon.platform import Platform, probe
 from tests.daemon_fixtures import start_daemon as start_daemon
@@ -177,3 +177,20 @@ def test_numa_on_here_exits_78_naming_the_field(tmp_path: Path) -> None:
     )
     assert done.returncode == 78, done.stderr
     assert "placement.numa = 'on'" in done.stderr
+
+
+def test_supervisor_refuses_to_boot_where_unsupported(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import daemon.supervisor as supervisor_module
+
+    unsupported = msgspec.structs.replace(
+        probe(TREES / "two_node_bare_metal"),
+        supported=False,
+        unsupported_reason="asrd needs Linux: eventfd, POSIX shm in /dev/shm",
+    )
+    monkeypatch.setattr(supervisor_module, "probe", lambda: unsupported)
+    sup = supervisor_module.Supervisor(cfg(f'runtime_dir = "{tmp_path}"'))
+    with pytest.raises(BootError, match="asrd cannot run here: asrd needs Linux"):
+        sup.boot()
+    assert list(tmp_path.iterdir()) == []  # refused before creating anything
