@@ -470,6 +470,7 @@ def format_status(st: Status) -> str:
                 ]
             )
     lines += _table(rows) if len(rows) > 1 else ["(no workers)"]
+    lines += [f"lane {lane.lane} FAILED: {lane.failed}" for lane in st.lanes if lane.failed]
     rings = [
         (lane.lane, name, ring)
         for lane in st.lanes

@@ -143,6 +143,13 @@ class IoConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class RestartConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     backoff_initial_s: Annotated[float, Meta(ge=0.0, le=60.0)] = 0.1
     backoff_max_s: Annotated[float, Meta(ge=0.0, le=600.0)] = 10.0
+    # A worker that fails this many times within failure_window_s stops its lane (reported in
+    # status and the log) instead of being restarted for ever.
+    max_failures: Annotated[int, Meta(ge=1, le=1000)] = 5
+    failure_window_s: Annotated[float, Meta(gt=0.0, le=86400.0)] = 60.0
+    # A worker whose heartbeat is stale gets SIGABRT (its Python stacks go to the log), then
+    # SIGKILL if it is still there this many seconds later.
+    abort_grace_s: Annotated[float, Meta(ge=0.0, le=60.0)] = 2.0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -70,11 +70,12 @@ class DaemonProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def wait_for(self, line: str, timeout: float) -> str:
-        """Wait for a notify datagram containing ``line``; raise if the daemon exits first."""
+    def wait_for(self, line: str, timeout: float, *, after: int = 0) -> str:
+        """Wait for a notify datagram containing ``line`` (among those from index ``after``
+        of :attr:`messages` on); raise if the daemon exits first."""
         assert self.notify is not None and self.proc is not None
         deadline = time.monotonic() + timeout
-        for msg in self.messages:
+        for msg in self.messages[after:]:
             if line in msg:
                 return msg
         while True:

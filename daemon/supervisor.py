@@ -37,7 +37,7 @@ from daemon.config import Config
 from daemon.errors import BootError, SocketInUseError
 from daemon.placement import plan as plan_placement
 from daemon.platform import format_cpulist, probe
-from daemon.systemd import Notifier, listen_fds
+from daemon.systemd import Notifier, listen_fds, watchdog_interval
 from ipc import control as ctl
 from ipc.framing import BadFrame, FrameReader, FrameTooLarge, FrameWriter
 from ipc.heartbeat import (
@@ -56,6 +56,7 @@ log = logging.getLogger("asrd.supervisor")
 
 STABLE_AFTER_S = 10.0
 TICK_S = 0.1
+EXTEND_TIMEOUT_S = 10.0  # asked for at a time while workers start, renewed at half of it
 ROLES = ("ingress", "infer")
 
 
@@ -79,6 +80,8 @@ class WorkerSlot:
     started_at: float = 0.0
     next_start_at: float = 0.0
     cpus: list[int] = field(default_factory=list)
+    failed_at: deque[float] = field(default_factory=deque)  # exits within failure_window_s
+    aborted_at: float = 0.0  # SIGABRT sent for a stale heartbeat; SIGKILL after the grace
 
 
 @dataclass(slots=True)
@@ -88,6 +91,7 @@ class Lane:
     result: Ring
     fds: LaneFds
     wakeups: list[Wakeup]
+    failed: str = ""  # why the lane was stopped after a crash loop; "" while it runs
 
 
 def describe_status(status: int) -> str:
@@ -122,6 +126,10 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.state = "starting"
         self.ready = False
+        self.watchdog_every = watchdog_interval()
+        self.watchdog_due = 0.0
+        self.watchdog_warned = 0.0
+        self.extend_due = 0.0
         self.drain_deadline = 0.0
         self.infer_stop_sent = False
         self.started_at = time.monotonic()
@@ -268,6 +276,14 @@ class Supervisor:
     def spawn(self, slot: WorkerSlot) -> None:
         assert self.table is not None and self.listen_sock is not None
         lane = self.lanes[slot.lane]
+        partner = self.slots[
+            slot_index("infer" if slot.role == "ingress" else "ingress", slot.lane)
+        ]
+        if slot.generation and not partner.pid:
+            # Neither side of the lane runs: nothing of what the rings hold has an owner, and
+            # a dead side may have left a sleep or space-request flag set. Start them empty.
+            lane.audio.reset()
+            lane.result.reset()
         slot.generation += 1
         spec = WorkerSpec(
             role=slot.role,
@@ -324,6 +340,7 @@ class Supervisor:
     def worker_exited(self, slot: WorkerSlot, status: int) -> None:
         now = time.monotonic()
         slot.pid = 0
+        slot.aborted_at = 0.0
         how = describe_status(status)
         if slot.role == "infer":
             # Utterances the dead worker held are lost; the lane's ingress tells their streams
@@ -333,7 +350,7 @@ class Supervisor:
             if ingress.pid and ingress.state == SlotState.RUNNING:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(ingress.pid, signal.SIGUSR1)
-        if self.state == "draining":
+        if self.state == "draining" or self.lanes[slot.lane].failed:
             slot.state = SlotState.STOPPED
             clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
             level = logging.INFO if clean else logging.WARNING
@@ -342,6 +359,16 @@ class Supervisor:
         ran = now - slot.started_at
         slot.failures = 1 if ran >= STABLE_AFTER_S else slot.failures + 1
         rc = self.config.restart
+        slot.failed_at.append(now)
+        while slot.failed_at and slot.failed_at[0] < now - rc.failure_window_s:
+            slot.failed_at.popleft()
+        if len(slot.failed_at) >= rc.max_failures:
+            self.fail_lane(
+                slot.lane,
+                f"{slot.role} worker {how}, {len(slot.failed_at)} failures within "
+                f"{rc.failure_window_s:g} s (restart.max_failures = {rc.max_failures})",
+            )
+            return
         delay = min(rc.backoff_max_s, rc.backoff_initial_s * (2 ** (slot.failures - 1)))
         slot.state = SlotState.RESTARTING
         slot.next_start_at = now + delay
@@ -355,6 +382,26 @@ class Supervisor:
             delay,
             slot.restarts,
         )
+
+    def fail_lane(self, index: int, why: str) -> None:
+        """Stop lane ``index`` for good (a crash loop): no more restarts; its other worker is
+        stopped (its streams get errors); the other lanes go on. With no lane left the daemon
+        exits 70 so that systemd (Restart=on-failure) starts it afresh."""
+        lane = self.lanes[index]
+        lane.failed = why
+        log.error(
+            "lane %d stopped: %s; the other lanes keep serving (restart the daemon to retry)",
+            index,
+            why,
+        )
+        for role in ROLES:
+            other = self.slots[slot_index(role, index)]
+            other.state = SlotState.STOPPED
+            if other.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(other.pid, signal.SIGTERM)
+        if all(lane.failed for lane in self.lanes):
+            raise BootError(f"every lane failed; the last: lane {index}: {why}")
 
     def check_workers(self) -> None:
         assert self.table is not None
@@ -376,10 +423,23 @@ class Supervisor:
                 log.info("%s lane %d (pid %d) is serving", slot.role, slot.lane, slot.pid)
             last = beat if beat > 0 else slot.started_at
             age = now - max(last, slot.started_at)
-            if age > timeout:
+            if slot.aborted_at and now - slot.aborted_at >= self.config.restart.abort_grace_s:
+                log.error(
+                    "%s lane %d (pid %d) still there %.1f s after SIGABRT: SIGKILL",
+                    slot.role,
+                    slot.lane,
+                    slot.pid,
+                    now - slot.aborted_at,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGKILL)
+                slot.aborted_at = 0.0
+                slot.started_at = now  # one kill per timeout period
+            elif age > timeout and not slot.aborted_at:
                 log.error(
                     "%s lane %d (pid %d) sent no heartbeat for %.1f s "
-                    "(heartbeat_timeout_s = %g): killing it",
+                    "(heartbeat_timeout_s = %g): SIGABRT (its stacks follow in the log), "
+                    "then SIGKILL",
                     slot.role,
                     slot.lane,
                     slot.pid,
@@ -387,9 +447,11 @@ class Supervisor:
                     timeout,
                 )
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.pid, signal.SIGKILL)
-                slot.started_at = now  # one kill per timeout period
-        if not self.ready and all(s.state == SlotState.RUNNING for s in self.slots):
+                    os.kill(slot.pid, signal.SIGABRT)
+                slot.aborted_at = now
+        if not self.ready and all(
+            s.state == SlotState.RUNNING for s in self.slots if not self.lanes[s.lane].failed
+        ):
             self.ready = True
             self.state = "serving"
             text = f"serving {len(self.lanes)} lanes on {self.socket_path}"
@@ -537,6 +599,7 @@ class Supervisor:
                     workers=workers,
                     audio_ring=lane.audio.stats(),
                     result_ring=lane.result.stats(),
+                    failed=lane.failed,
                 )
             )
         return ctl.Status(
@@ -602,6 +665,38 @@ class Supervisor:
             if self.ready and now >= status_due:
                 status_due = now + 5.0
                 self.notifier.status(self.status_line())
+            self.tell_systemd(now)
+
+    def stale_workers(self, now: float) -> list[str]:
+        """Workers whose heartbeat (or, before the first beat, whose start) is older than
+        heartbeat_timeout_s."""
+        assert self.table is not None
+        stale = []
+        for slot in self.slots:
+            if not slot.pid:
+                continue
+            beat = self.table.read(slot.index)[3]
+            age = now - max(beat if beat > 0 else slot.started_at, slot.started_at)
+            if age > self.config.heartbeat_timeout_s or slot.aborted_at:
+                stale.append(f"{slot.role} lane {slot.lane} ({age:.1f} s)")
+        return stale
+
+    def tell_systemd(self, now: float) -> None:
+        """WATCHDOG=1 at half of WATCHDOG_USEC while every worker's heartbeat is fresh (a stuck
+        worker withholds it, so systemd restarts a daemon that cannot heal itself), and more
+        start time while workers are starting and beating (a backend warming up)."""
+        if self.watchdog_every is not None and now >= self.watchdog_due:
+            stale = self.stale_workers(now)
+            if stale:
+                if now >= self.watchdog_warned + 5.0:
+                    self.watchdog_warned = now
+                    log.warning("watchdog ping withheld: stale heartbeat of %s", ", ".join(stale))
+            else:
+                self.notifier.watchdog()
+                self.watchdog_due = now + self.watchdog_every
+        if not self.ready and now >= self.extend_due and not self.stale_workers(now):
+            self.notifier.extend_timeout(EXTEND_TIMEOUT_S)
+            self.extend_due = now + EXTEND_TIMEOUT_S / 2
 
     def endpoint_status(self) -> list[ctl.EndpointStatus]:
         """Each Triton endpoint's breaker state per lane, from the infer workers' counters."""

@@ -1,6 +1,9 @@
 """sd_notify without libsystemd: one datagram per state change to ``$NOTIFY_SOCKET``.
 
 Does nothing when the variable is unset (not started by systemd, not under a test that listens).
+The supervisor sends ``READY=1`` once every lane serves, ``STATUS=`` lines, ``WATCHDOG=1`` at
+half of ``WATCHDOG_USEC`` only while every worker's heartbeat is fresh, ``EXTEND_TIMEOUT_USEC``
+while workers are still starting (a backend warming up) and ``STOPPING=1`` on drain.
 """
 
 from __future__ import annotations
@@ -41,10 +44,30 @@ class Notifier:
     def stopping(self) -> bool:
         return self.notify("STOPPING=1")
 
+    def watchdog(self) -> bool:
+        return self.notify("WATCHDOG=1")
+
+    def extend_timeout(self, seconds: float) -> bool:
+        """Ask for ``seconds`` more before systemd's start (or stop) timeout fires."""
+        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings (half of ``WATCHDOG_USEC``), or None when systemd
+    set no watchdog for this process (``WATCHDOG_PID``, when set, must be ours)."""
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+    except ValueError:
+        return None
+    return usec / 2e6 if usec > 0 else None
 
 
 def listen_fds() -> list[int]:

@@ -34,6 +34,7 @@ class LaneStatus(msgspec.Struct, kw_only=True):
     workers: list[WorkerStatus]
     audio_ring: dict[str, int] = msgspec.field(default_factory=dict)
     result_ring: dict[str, int] = msgspec.field(default_factory=dict)
+    failed: str = ""  # why the lane was stopped (a crash loop); "" while it serves
 
 
 class EndpointStatus(msgspec.Struct, kw_only=True):

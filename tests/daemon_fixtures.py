@@ -56,7 +56,11 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[tuple[DaemonProcess, str]] = []
 
     def start(
-        config: str = "", *, timeout: float = 90.0, instance: str | None = None
+        config: str = "",
+        *,
+        timeout: float = 90.0,
+        instance: str | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> DaemonProcess:
         instance = instance or f"t{os.getpid()}n{next(_counter)}"
         runtime = tmp_path / f"rt{len(started)}"
@@ -65,6 +69,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
             f'instance = "{instance}"\n{config}',
             runtime_dir=runtime,
             log_path=runtime / "asrd.log",
+            extra_env=extra_env,
         )
         started.append((daemon, instance))
         daemon.start(timeout)

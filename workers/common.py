@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -26,6 +27,9 @@ def setup_process(spec: WorkerSpec) -> logging.Logger:
         stream=sys.stderr,
         format=f"%(asctime)s asrd[{os.getpid()}] {spec.role}{spec.lane} %(levelname)s %(message)s",
     )
+    # SIGABRT (the supervisor's answer to a stale heartbeat) prints every thread's Python stack
+    # to stderr, the log, before the process dies: what the stuck loop was doing.
+    faulthandler.enable()
     if spec.cpus:
         os.sched_setaffinity(0, spec.cpus)
     return logging.getLogger(f"asrd.{spec.role}")
