@@ -135,9 +135,25 @@ class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class IoConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    # "auto" = epoll (asyncio), the faster path measured here; "io_uring" needs a kernel and
-    # sysctl that allow it (checked at start).
+    # The control socket's I/O. "auto" = epoll, the faster path measured here; "io_uring"
+    # needs the optional liburing binding and a kernel and sysctl that allow it (checked at
+    # start, docs/platform.md).
     backend: Literal["auto", "epoll", "io_uring"] = "auto"
+
+
+class FaultsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Fault injection for tests (workers/faults.py); refused unless $ASRD_ALLOW_FAULTS=1."""
+
+    # "none", or what the chosen worker does once it has handled after_records ring records:
+    # "crash" (SIGKILL itself), "hang" (a busy loop: no heartbeat), "slow" (sleep slow_ms per
+    # record from then on), "corrupt" (push one record with a garbage payload).
+    action: Literal["none", "crash", "hang", "slow", "corrupt"] = "none"
+    worker: Literal["ingress", "infer"] = "infer"
+    lane: Annotated[int, Meta(ge=0, le=255)] = 0
+    after_records: Annotated[int, Meta(ge=0)] = 0
+    slow_ms: Annotated[float, Meta(ge=0.0, le=10000.0)] = 50.0
+    # Only the worker's first generation: the respawned one runs normally.
+    first_generation_only: bool = True
 
 
 class RestartConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -171,6 +187,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
     io: IoConfig = msgspec.field(default_factory=IoConfig)
     restart: RestartConfig = msgspec.field(default_factory=RestartConfig)
+    faults: FaultsConfig = msgspec.field(default_factory=FaultsConfig)
 
     def resolved_runtime_dir(self) -> Path:
         if self.runtime_dir:
@@ -308,6 +325,12 @@ def _cross_field_problems(cfg: Config) -> list[str]:
             f"backend.triton.timeout_s + {_fmt(2 * TRITON_WAIT_MARGIN_S)} "
             f"({_fmt(tri.timeout_s)} + {_fmt(2 * TRITON_WAIT_MARGIN_S)}), or the supervisor "
             "would kill an infer worker waiting on a slow server"
+        )
+    # Fault injection makes workers crash on purpose: only where a test asked for it.
+    if cfg.faults.action != "none" and os.environ.get("ASRD_ALLOW_FAULTS") != "1":
+        p.append(
+            f"faults.action = {cfg.faults.action!r}: fault injection is for tests; it is refused "
+            "unless the environment has ASRD_ALLOW_FAULTS=1"
         )
     # Backoff doubles from the initial value and is capped at the maximum.
     if cfg.restart.backoff_max_s < cfg.restart.backoff_initial_s:

@@ -29,12 +29,13 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from daemon import __version__
 from daemon.config import Config
-from daemon.errors import BootError, SocketInUseError
+from daemon.errors import BootError, ConfigError, SocketInUseError
 from daemon.placement import plan as plan_placement
 from daemon.platform import format_cpulist, probe
 from daemon.systemd import Notifier, listen_fds, watchdog_interval
@@ -51,6 +52,9 @@ from ipc.ring import Ring
 from ipc.shm import Manifest, segment_name, sweep_stale, triton_region_name
 from ipc.wakeup import Wakeup
 from workers.spec import ENV_VAR, LaneFds, WorkerSpec, slot_index
+
+if TYPE_CHECKING:
+    from ipc.uring import UringControlServer
 
 log = logging.getLogger("asrd.supervisor")
 
@@ -121,6 +125,7 @@ class Supervisor:
         self.own_socket_file = False
         self.control_sock: socket.socket | None = None
         self.control_conns: dict[socket.socket, FrameReader[ctl.ControlRequest]] = {}
+        self.uring_control: UringControlServer[ctl.ControlRequest] | None = None
         self.table: HeartbeatTable | None = None
         self.manifest: Manifest | None = None
         self.selector = selectors.DefaultSelector()
@@ -143,6 +148,12 @@ class Supervisor:
         if not self.platform.supported:
             raise BootError(f"asrd cannot run here: {self.platform.unsupported_reason}")
         self.plan = plan_placement(cfg, self.platform)  # ConfigError: an "on" that cannot work
+        if self.plan.io_backend == "io_uring":
+            from ipc.uring import check_binding
+
+            problem = check_binding()  # in a child: a bad binding kills that, not us
+            if problem:
+                raise ConfigError(f"io.backend = 'io_uring': {problem}; use 'auto' or 'epoll'")
         log.info("placement: %s", self.plan.summary())
         for lp in self.plan.lanes:
             if lp.cpus:
@@ -167,7 +178,19 @@ class Supervisor:
         self.listen_sock = self._listening_socket()
         self.control_sock = self._bind(self.control_path, what="control socket")
         self.control_sock.setblocking(False)
-        self.selector.register(self.control_sock, selectors.EVENT_READ, "control")
+        if self.plan.io_backend == "io_uring":
+            from ipc.uring import UringControlServer
+
+            self.uring_control = UringControlServer(
+                self.control_sock,
+                ctl.ControlRequest,
+                self._control_reply,
+                on_too_large=lambda exc: ctl.ControlError(message=str(exc)),
+                close_listener=False,
+            )
+            self.selector.register(self.uring_control.fileno(), selectors.EVENT_READ, "uring")
+        else:
+            self.selector.register(self.control_sock, selectors.EVENT_READ, "control")
         self.manifest = Manifest(self.runtime_dir, cfg.instance)
         n_lanes = len(self.plan.lanes)
         name = segment_name(cfg.instance, self.pid, "heartbeat", 0)
@@ -556,6 +579,11 @@ class Supervisor:
         if reader is None:
             self._close_control(conn)
 
+    def _control_reply(self, msg: object) -> ctl.Status | ctl.ControlError:
+        if isinstance(msg, BadFrame):
+            return ctl.ControlError(message=f"{msg.code}: {msg.message}")
+        return self.status()
+
     def _close_control(self, conn: socket.socket) -> None:
         self.control_conns.pop(conn, None)
         with contextlib.suppress(KeyError, ValueError):
@@ -647,6 +675,9 @@ class Supervisor:
                             pass
                 elif key.data == "control":
                     self.on_control_accept()
+                elif key.data == "uring":
+                    assert self.uring_control is not None
+                    self.uring_control.process()
                 else:
                     self.on_control_data(key.fileobj)  # type: ignore[arg-type]
             while self.signals:
@@ -739,6 +770,9 @@ class Supervisor:
             self.kill_all()
         for conn in list(self.control_conns):
             self._close_control(conn)
+        if self.uring_control is not None:
+            self.uring_control.close()
+            self.uring_control = None
         for lane in self.lanes:
             for ring in (lane.audio, lane.result):
                 ring.close()

@@ -93,6 +93,7 @@ class Served:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(self.path)
             sock.listen(64)
+            sock.setblocking(False)  # as the supervisor leaves its control socket
             server = uring.UringControlServer(
                 sock, Req, handle, on_too_large=too_large, max_frame_bytes=4096
             )
@@ -473,3 +474,26 @@ def test_bench_io_backend_smoke(tmp_path: Path) -> None:
     for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
         with contextlib.suppress(OSError):
             assert b"bench.io_backend\x00--serve" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_daemon_with_io_uring_serves_status_or_refuses_to_start(tmp_path: Path) -> None:
+    """``io.backend = "io_uring"``: where the binding works the control socket is served through
+    io_uring; where it cannot (no liburing, a wheel this CPU cannot run, io_uring blocked) the
+    daemon refuses to start with exit 78 and the reason, instead of crashing."""
+    from daemon.launcher import DaemonProcess
+    from ipc.client import ControlClient
+
+    problem = uring.check_binding()
+    config = 'lanes = 1\n[io]\nbackend = "io_uring"\n[backend]\nkind = "null"\n'
+    daemon = DaemonProcess(config, runtime_dir=tmp_path, log_path=tmp_path / "asrd.log")
+    if problem is None:
+        with daemon:
+            assert ControlClient.status(daemon.control_path).state == "serving"
+            assert "io io_uring" in (tmp_path / "asrd.log").read_text()
+        return
+    with pytest.raises(RuntimeError, match="exited with 78"):
+        daemon.start(60)
+    daemon.kill_session()
+    daemon.cleanup()
+    log = (tmp_path / "asrd.log").read_text()
+    assert "io.backend = 'io_uring'" in log and problem.split(";")[0][:40] in log

@@ -32,6 +32,7 @@ from ipc.shm import is_stale_segment, triton_region_name
 from workers.backends import create_backend
 from workers.backends.base import Backend, BackendBusy, BackendUnavailable, Transcript
 from workers.common import LaneWorker, parent_alive, setup_process
+from workers.faults import FaultInjector
 from workers.spec import WorkerSpec, load_spec
 
 BATCH = 64
@@ -64,6 +65,7 @@ class InferWorker(LaneWorker):
         self.feeds: dict[int, list[bytes]] = {}
         self.stopping = False
         self.counters = dict.fromkeys(INFER_COUNTERS, 0)
+        self.faults = FaultInjector(cfg.faults, "infer", spec.lane, spec.generation)
         if backend is None:
             backend = create_backend(
                 cfg.backend,
@@ -145,6 +147,8 @@ class InferWorker(LaneWorker):
     def handle(self, r: Record) -> None:
         c = self.counters
         c["records"] += 1
+        if self.faults.enabled:
+            self.faults.record()
         kind = r.kind
         if kind == rec.AUDIO:
             u = self.utterances.get(r.key)
@@ -161,7 +165,19 @@ class InferWorker(LaneWorker):
         if self.feeds:
             self.flush_feeds()  # audio goes in before anything else happens to its utterance
         if kind == rec.BEGIN:
-            begin = self._begin_dec.decode(r.payload)
+            try:
+                begin = self._begin_dec.decode(r.payload)
+            except msgspec.DecodeError as exc:
+                # A corrupt record must not take the lane down; the client hears about it.
+                log.error("corrupt BEGIN record for stream %x: %s", r.key, exc)
+                c["dropped_records"] += 1
+                payload = self._enc.encode(
+                    rec.UtteranceError(
+                        ErrorCode.INFERENCE_FAILED, f"corrupt utterance record: {exc}"
+                    )
+                )
+                self.push_result(rec.FAILED, r.key, r.seq, payload)
+                return
             old = self.utterances.pop(r.key, None)
             if old is not None:
                 self.drop(old)
@@ -322,6 +338,8 @@ class InferWorker(LaneWorker):
 
     # --- result ring ----------------------------------------------------------------------------
     def push_result(self, kind: int, key: int, seq: int, payload: bytes) -> None:
+        if self.faults.enabled:
+            payload = self.faults.payload(payload)
         while not self.results.try_push(kind, key, seq, payload):
             # Full: the ingress worker is behind. Wake it, then wait for space (never drop).
             self.result_data.signal()

@@ -43,6 +43,7 @@ from ipc.heartbeat import INGRESS_COUNTERS, WorkerState
 from workers.backends.base import SAMPLE_RATE
 from workers.balance import LaneBalancer
 from workers.common import LaneWorker, parent_alive, setup_process
+from workers.faults import FaultInjector
 from workers.spec import WorkerSpec, load_spec
 from workers.vad import SpeechAudio, SpeechEnd, SpeechStart, StreamVad
 
@@ -185,6 +186,7 @@ class Ingress(LaneWorker):
         self.config = spec.config
         self.lane = spec.lane
         self.counters = dict.fromkeys(INGRESS_COUNTERS, 0)
+        self.faults = FaultInjector(spec.config.faults, "ingress", spec.lane, spec.generation)
         self.connections: set[Connection] = set()
         self.by_key: dict[int, Stream] = {}
         self.next_key = 0
@@ -665,6 +667,9 @@ class Ingress(LaneWorker):
             self.push(rec.AUDIO, key, seq, bytes(view[i : i + limit]))
 
     def push(self, kind: int, key: int, seq: int, payload: bytes) -> None:
+        if self.faults.enabled:
+            self.faults.record()
+            payload = self.faults.payload(payload)
         self.signal_audio = True
         if not self.flush_scheduled and self.loop is not None:
             self.flush_scheduled = True
@@ -728,9 +733,33 @@ class Ingress(LaneWorker):
             if self.results.take_space_request():
                 self.result_space.signal()
             for r in batch:
-                self.on_result(r)
+                try:
+                    self.on_result(r)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    self.bad_result(r, exc)
         if self.results.take_space_request():
             self.result_space.signal()
+
+    def bad_result(self, r: Any, exc: Exception) -> None:
+        """A result record whose payload does not decode (a corrupt ring record): dropped; an
+        utterance that was waiting for it gets an explicit error instead of its final."""
+        log.error("corrupt result record (kind %d) for stream %x: %s", r.kind, r.key, exc)
+        self.counters["bad_frames"] += 1
+        stream = self.by_key.get(r.key)
+        if stream is None or r.kind not in (rec.FINAL, rec.FAILED):
+            return  # a partial: the final still comes
+        if stream.pending.pop(r.seq, None) is None:
+            return
+        self.counters["errors_sent"] += 1
+        stream.conn.send(
+            p.Error(
+                code=p.ErrorCode.INFERENCE_FAILED,
+                message=f"utterance {r.seq}: its result was corrupt in the ring and is lost",
+                stream=stream.id,
+                utterance=r.seq,
+            )
+        )
+        self.maybe_close(stream)
 
     def on_result(self, r: Any) -> None:
         kind = r.kind
