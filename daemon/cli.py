@@ -20,8 +20,9 @@ infer worker per lane and talks to systemd when started by it.
 """
 
 EPILOG = """\
-exit codes: 0 stopped cleanly, 2 usage error, 70 boot failure, 71 shared memory unavailable,
-75 socket already in use (another asrd runs), 78 invalid configuration.
+exit codes: 0 stopped cleanly, 2 usage error, 69 every lane failed in a crash loop (a restart
+may help), 70 boot failure, 71 shared memory unavailable, 75 socket already in use (another asrd
+runs), 78 invalid configuration.
 
 examples:
   asrd run                              # defaults: embedded recognizer, lanes = CPU count

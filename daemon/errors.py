@@ -37,6 +37,13 @@ class ShmError(BootError):
     exit_code = 71  # EX_OSERR
 
 
+class LanesFailedError(AsrdError):
+    """Every lane stopped after a crash loop at run time: unlike a boot failure, a fresh start
+    may help, so systemd's Restart=on-failure restarts it."""
+
+    exit_code = 69  # EX_UNAVAILABLE
+
+
 class RingError(AsrdError):
     """A shared-memory ring is corrupt or was attached with the wrong layout."""
 

@@ -35,7 +35,7 @@ import psutil
 
 from daemon import __version__
 from daemon.config import Config
-from daemon.errors import BootError, ConfigError, SocketInUseError
+from daemon.errors import BootError, ConfigError, LanesFailedError, SocketInUseError
 from daemon.placement import plan as plan_placement
 from daemon.platform import format_cpulist, probe
 from daemon.systemd import Notifier, listen_fds, watchdog_interval
@@ -409,7 +409,7 @@ class Supervisor:
     def fail_lane(self, index: int, why: str) -> None:
         """Stop lane ``index`` for good (a crash loop): no more restarts; its other worker is
         stopped (its streams get errors); the other lanes go on. With no lane left the daemon
-        exits 70 so that systemd (Restart=on-failure) starts it afresh."""
+        exits 69 so that systemd (Restart=on-failure) starts it afresh."""
         lane = self.lanes[index]
         lane.failed = why
         log.error(
@@ -424,7 +424,7 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(other.pid, signal.SIGTERM)
         if all(lane.failed for lane in self.lanes):
-            raise BootError(f"every lane failed; the last: lane {index}: {why}")
+            raise LanesFailedError(f"every lane failed; the last: lane {index}: {why}")
 
     def check_workers(self) -> None:
         assert self.table is not None

@@ -100,7 +100,7 @@ def test_crash_loop_stops_the_lane_and_the_other_lane_serves(start_daemon: Start
     assert daemon.stop() == 0
 
 
-def test_crash_loop_of_the_only_lane_exits_70(tmp_path: Path) -> None:
+def test_crash_loop_of_the_only_lane_exits_69(tmp_path: Path) -> None:
     daemon = DaemonProcess(
         config(lanes=1, max_failures=2, failure_window_s=60.0),
         runtime_dir=tmp_path,
@@ -119,7 +119,7 @@ def test_crash_loop_of_the_only_lane_exits_70(tmp_path: Path) -> None:
                 "exit",
             )
         assert daemon.proc is not None
-        assert daemon.proc.wait(30) == 70
+        assert daemon.proc.wait(30) == 69
         log = log_of(daemon)
         assert "every lane failed" in log
     finally:

@@ -48,7 +48,7 @@ class FaultInjector:
 
     @property
     def enabled(self) -> bool:
-        return self.action != "none"
+        return self.action != "none" or self._corrupt_pending
 
     def record(self) -> None:
         """Called for each record the worker handles."""

@@ -777,10 +777,10 @@ class Ingress(LaneWorker):
                     p.Partial(stream=stream.id, utterance=r.seq, text=part.text, seq=part.audio_seq)
                 )
         elif kind == rec.FINAL:
-            utt = stream.pending.pop(r.seq, None)
-            if utt is None:
+            if r.seq not in stream.pending:
                 return
-            res = self._final_dec.decode(r.payload)
+            res = self._final_dec.decode(r.payload)  # first: a corrupt one leaves it pending
+            utt = stream.pending.pop(r.seq)
             start = utt.start_ms
             end = utt.end_ms if utt.end_ms >= 0 else stream.vad.position_ms
             words = (
