@@ -93,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         cfg = msgspec.structs.replace(cfg, log_level=args.log_level)
     setup_logging(cfg.log_level)
-    return Supervisor(cfg).run()
+    return Supervisor(cfg, config_path=args.config).run()
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -207,6 +207,48 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return self.resolved_runtime_dir() / "control.sock"
 
 
+# Reload (SIGHUP): which top-level fields a running daemon can take.
+NEEDS_RESTART = (
+    "instance",
+    "runtime_dir",
+    "socket",
+    "control_socket",
+    "socket_mode",
+    "lanes",
+    "placement",
+    "io",
+)
+NEEDS_NEW_WORKERS = ("backend", "ring", "heartbeat_interval_s", "heartbeat_timeout_s", "faults")
+LIVE = ("vad", "limits", "log_level", "shutdown_timeout_s", "restart")
+
+
+def live_config_path(cfg: Config) -> Path:
+    """Where the supervisor puts the config it reloaded, for its workers to read on SIGHUP."""
+    return cfg.resolved_runtime_dir() / f"live-config-{cfg.instance}.json"
+
+
+def reload_plan(old: Config, new: Config) -> tuple[list[str], list[str], list[str]]:
+    """(fields that need a restart, fields that need new workers, fields that apply live).
+
+    ``backend.triton.breaker`` applies live; the rest of ``backend`` needs new workers."""
+
+    def differs(name: str) -> bool:
+        return bool(getattr(old, name) != getattr(new, name))
+
+    restart = [f for f in NEEDS_RESTART if differs(f)]
+    live = [f for f in LIVE if differs(f)]
+    workers = [f for f in NEEDS_NEW_WORKERS if differs(f)]
+    if "backend" in workers:
+        ob, nb = old.backend, new.backend
+        same_but_breaker = msgspec.structs.replace(
+            nb, triton=msgspec.structs.replace(nb.triton, breaker=ob.triton.breaker)
+        )
+        if same_but_breaker == ob:
+            workers.remove("backend")
+            live.append("backend.triton.breaker")
+    return restart, workers, live
+
+
 def load_config(path: str | Path | None) -> Config:
     """Read and validate a TOML config; ``None`` gives the defaults."""
     if path is None:

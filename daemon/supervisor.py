@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import psutil
 
 from daemon import __version__
-from daemon.config import Config
+from daemon.config import Config, live_config_path, load_config, reload_plan
 from daemon.errors import BootError, ConfigError, LanesFailedError, SocketInUseError
 from daemon.placement import plan as plan_placement
 from daemon.platform import format_cpulist, probe
@@ -81,7 +82,8 @@ class WorkerSlot:
     restarts: int = 0
     failures: int = 0
     state: SlotState = SlotState.STOPPED
-    started_at: float = 0.0
+    started_at: float = 0.0  # spawn time, or the last kill for a stale heartbeat
+    spawned_at: float = 0.0
     next_start_at: float = 0.0
     cpus: list[int] = field(default_factory=list)
     failed_at: deque[float] = field(default_factory=deque)  # exits within failure_window_s
@@ -110,7 +112,7 @@ def describe_status(status: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
         self.pid = os.getpid()
         self.runtime_dir = config.resolved_runtime_dir()
@@ -131,6 +133,9 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.state = "starting"
         self.ready = False
+        self.config_path = config_path
+        self.rolling: deque[int] = deque()  # lanes still to restart with a reloaded config
+        self.roll_phase = ""  # "ingress" (draining it), "infer" (stopping it), "starting"
         self.watchdog_every = watchdog_interval()
         self.watchdog_due = 0.0
         self.watchdog_warned = 0.0
@@ -343,7 +348,7 @@ class Supervisor:
         self.table.reset_slot(slot.index, pid, slot.generation)
         slot.pid = pid
         slot.state = SlotState.STARTING
-        slot.started_at = time.monotonic()
+        slot.started_at = slot.spawned_at = time.monotonic()
         self.by_pid[pid] = slot
         log.info("started %s lane %d (pid %d)", slot.role, slot.lane, pid)
 
@@ -373,13 +378,17 @@ class Supervisor:
             if ingress.pid and ingress.state == SlotState.RUNNING:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(ingress.pid, signal.SIGUSR1)
-        if self.state == "draining" or self.lanes[slot.lane].failed:
+        if (
+            self.state == "draining"
+            or self.lanes[slot.lane].failed
+            or (self.rolling and self.rolling[0] == slot.lane and slot.state == SlotState.STOPPED)
+        ):
             slot.state = SlotState.STOPPED
             clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
             level = logging.INFO if clean else logging.WARNING
             log.log(level, "%s lane %d %s", slot.role, slot.lane, how)
             return
-        ran = now - slot.started_at
+        ran = now - slot.spawned_at
         slot.failures = 1 if ran >= STABLE_AFTER_S else slot.failures + 1
         rc = self.config.restart
         slot.failed_at.append(now)
@@ -405,6 +414,111 @@ class Supervisor:
             delay,
             slot.restarts,
         )
+
+    # --- reload ---------------------------------------------------------------------------------
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file. Live changes (VAD, limits, breaker settings, log
+        level, restart policy) reach the workers at once and apply to new streams; changes
+        that need new workers (backend, rings, heartbeats) restart the lanes one at a time,
+        each draining its streams first while the others serve; changes that need a new
+        supervisor (sockets, instance, lanes, placement, io) and invalid configs are refused
+        with the reason, and the running config stays."""
+        if self.config_path is None:
+            log.warning("SIGHUP: started without --config, nothing to re-read")
+            return
+        if self.rolling:
+            log.warning("SIGHUP: lanes are still restarting after the last reload; try later")
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            self.notifier.status(f"reload refused: {str(exc).splitlines()[0]}")
+            return
+        restart, workers, live = reload_plan(self.config, new)
+        if restart:
+            log.error(
+                "reload refused, the running config stays: %s changed, which needs a restart "
+                "(systemctl restart asrd)",
+                ", ".join(restart),
+            )
+            self.notifier.status(f"reload refused: {', '.join(restart)} need a restart")
+            return
+        if not workers and not live:
+            log.info("reload: %s unchanged", self.config_path)
+            return
+        self.config = new
+        logging.getLogger().setLevel(new.log_level.upper())
+        path = live_config_path(new)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(msgspec.json.encode(new))
+        tmp.replace(path)
+        if live:
+            for slot in self.slots:
+                if slot.pid and slot.state == SlotState.RUNNING:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(slot.pid, signal.SIGHUP)
+        log.info(
+            "reloaded %s: live %s; %s",
+            self.config_path,
+            ", ".join(live) or "nothing",
+            f"restarting lanes one at a time for {', '.join(workers)}"
+            if workers
+            else "no lane restarts",
+        )
+        if workers:
+            self.rolling.extend(lane.index for lane in self.lanes if not lane.failed)
+            self.roll_phase = ""
+
+    def advance_roll(self) -> None:
+        """One lane at a time: drain its ingress (its streams finish; new connections go to the
+        other lanes), stop its infer worker, start both with the new config, wait until they
+        serve, then the next lane."""
+        lane = self.rolling[0]
+        ingress = self.slots[slot_index("ingress", lane)]
+        infer = self.slots[slot_index("infer", lane)]
+        if self.roll_phase == "":
+            log.info("reload: restarting lane %d", lane)
+            self.roll_phase = "ingress"
+            ingress.state = SlotState.STOPPED
+            infer.state = SlotState.STOPPED
+            if ingress.pid:
+                os.kill(ingress.pid, signal.SIGTERM)
+        elif self.roll_phase == "ingress" and not ingress.pid:
+            self.roll_phase = "infer"
+            if infer.pid:
+                os.kill(infer.pid, signal.SIGTERM)
+        elif self.roll_phase == "infer" and not infer.pid:
+            self._renew_rings(lane)
+            for slot in (ingress, infer):
+                slot.failures = 0
+                slot.failed_at.clear()
+                self.spawn(slot)
+            self.roll_phase = "starting"
+        elif self.roll_phase == "starting" and all(
+            s.state == SlotState.RUNNING for s in (ingress, infer)
+        ):
+            log.info("reload: lane %d serves with the new config", lane)
+            self.rolling.popleft()
+            self.roll_phase = ""
+            if not self.rolling:
+                log.info("reload: every lane restarted")
+
+    def _renew_rings(self, n: int) -> None:
+        """New rings for lane ``n`` when their configured sizes changed (both sides stopped)."""
+        lane = self.lanes[n]
+        cfg = self.config
+        if lane.audio.capacity == cfg.ring.audio_bytes and (
+            lane.result.capacity == cfg.ring.result_bytes
+        ):
+            return
+        assert self.manifest is not None
+        for ring in (lane.audio, lane.result):
+            ring.close()
+            ring.unlink()
+        with self._on_lane_node(n):
+            lane.audio = Ring.create(lane.audio.name, cfg.ring.audio_bytes)
+            lane.result = Ring.create(lane.result.name, cfg.ring.result_bytes)
 
     def fail_lane(self, index: int, why: str) -> None:
         """Stop lane ``index`` for good (a crash loop): no more restarts; its other worker is
@@ -685,13 +799,15 @@ class Supervisor:
                 if sig in (signal.SIGTERM, signal.SIGINT):
                     self.begin_drain(signal.Signals(sig).name)
                 elif sig == signal.SIGHUP:
-                    log.warning("SIGHUP: live reload is not available yet; config unchanged")
+                    self.reload()
             self.reap()
             if self.state == "draining":
                 if self.advance_drain():
                     return
                 continue
             self.check_workers()
+            if self.rolling:
+                self.advance_roll()
             now = time.monotonic()
             if self.ready and now >= status_due:
                 status_due = now + 5.0
@@ -782,6 +898,8 @@ class Supervisor:
             self.table.close()
         if self.manifest is not None:
             self.manifest.unlink_all()
+        with contextlib.suppress(OSError):
+            live_config_path(self.config).unlink(missing_ok=True)
         if self.control_sock is not None:
             self.control_sock.close()
             self.control_path.unlink(missing_ok=True)

@@ -30,7 +30,9 @@ class Notifier:
         if self._sock is None or self._addr is None:
             return False
         try:
-            self._sock.sendto("\n".join(lines).encode(), self._addr)
+            # Never block the supervisor: a manager (or a test) that does not read its socket
+            # fills it, and a blocking send would then stall the whole loop. Dropped instead.
+            self._sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, self._addr)
         except OSError:
             return False
         return True

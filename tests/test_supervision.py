@@ -27,7 +27,7 @@ NO_VAD = p.VadOverrides(enabled=False)
 
 
 def config(lanes: int = 1, **restart: object) -> str:
-    text = f'lanes = {lanes}\nheartbeat_timeout_s = 1.5\n[backend]\nkind = "null"\n[restart]\n'
+    text = f'lanes = {lanes}\nheartbeat_timeout_s = 3.0\n[backend]\nkind = "null"\n[restart]\n'
     restart = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "abort_grace_s": 0.5, **restart}
     return text + "".join(f"{k} = {v}\n" for k, v in restart.items())
 
@@ -125,3 +125,21 @@ def test_crash_loop_of_the_only_lane_exits_69(tmp_path: Path) -> None:
     finally:
         daemon.kill_session()
         daemon.cleanup()
+
+
+def test_notifier_never_blocks_on_a_full_socket(tmp_path: Path) -> None:
+    """A manager that does not read its notify socket must not stall the supervisor's loop."""
+    import socket
+
+    from daemon.systemd import Notifier
+
+    path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    notifier = Notifier(str(path))
+    try:
+        sent = [notifier.watchdog() for _ in range(5000)]  # blocking would hang: the timeout
+        assert sent[0] and not sent[-1]  # the first got through, the rest were dropped
+    finally:
+        notifier.close()
+        receiver.close()

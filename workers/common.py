@@ -8,8 +8,10 @@ import os
 import signal
 import sys
 
+import msgspec
 import setproctitle
 
+from daemon.config import Config, live_config_path
 from ipc.heartbeat import HeartbeatTable
 from ipc.ring import Ring
 from ipc.wakeup import Wakeup
@@ -33,6 +35,18 @@ def setup_process(spec: WorkerSpec) -> logging.Logger:
     if spec.cpus:
         os.sched_setaffinity(0, spec.cpus)
     return logging.getLogger(f"asrd.{spec.role}")
+
+
+def read_live_config(spec: WorkerSpec) -> Config | None:
+    """The config the supervisor reloaded (SIGHUP), or None (logged) if it cannot be read."""
+    path = live_config_path(spec.config)
+    try:
+        cfg = msgspec.json.decode(path.read_bytes(), type=Config)
+    except (OSError, msgspec.DecodeError) as exc:
+        logging.getLogger("asrd").error("reload: cannot read %s: %s; config unchanged", path, exc)
+        return None
+    logging.getLogger().setLevel(cfg.log_level.upper())
+    return cfg
 
 
 def parent_alive(spec: WorkerSpec) -> bool:

@@ -31,7 +31,7 @@ from ipc.ring import Record
 from ipc.shm import is_stale_segment, triton_region_name
 from workers.backends import create_backend
 from workers.backends.base import Backend, BackendBusy, BackendUnavailable, Transcript
-from workers.common import LaneWorker, parent_alive, setup_process
+from workers.common import LaneWorker, parent_alive, read_live_config, setup_process
 from workers.faults import FaultInjector
 from workers.spec import WorkerSpec, load_spec
 
@@ -64,6 +64,7 @@ class InferWorker(LaneWorker):
         # Audio of started utterances from the current batch of records, fed at its end.
         self.feeds: dict[int, list[bytes]] = {}
         self.stopping = False
+        self.reload_requested = False
         self.counters = dict.fromkeys(INFER_COUNTERS, 0)
         self.faults = FaultInjector(cfg.faults, "infer", spec.lane, spec.generation)
         if backend is None:
@@ -85,6 +86,7 @@ class InferWorker(LaneWorker):
     # --- main loop ------------------------------------------------------------------------------
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGHUP, self._on_sighup)
         self.push_result(rec.HELLO, 0, self.spec.generation, b"")
         self.flush_signal()
         self.slot.set_state(WorkerState.RUNNING)
@@ -96,6 +98,8 @@ class InferWorker(LaneWorker):
         timeout_ms = int(self.heartbeat_interval * 1000)
         while not self.stopping:
             records = self.audio.pop_many(BATCH)
+            if self.reload_requested:
+                self.reload()
             self.backend.maintain()
             if not records:
                 self.emit_partials()
@@ -128,6 +132,18 @@ class InferWorker(LaneWorker):
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         self.stopping = True
+
+    def _on_sighup(self, signum: int, frame: object) -> None:
+        self.reload_requested = True
+
+    def reload(self) -> None:
+        """The supervisor reloaded the config: breaker settings and the log level apply now
+        (anything else that concerns this worker comes with a new worker)."""
+        self.reload_requested = False
+        cfg = read_live_config(self.spec)
+        if cfg is not None and hasattr(self.backend, "set_breaker_config"):
+            self.backend.set_breaker_config(cfg.backend.triton.breaker)
+            log.info("config reloaded: breaker settings applied")
 
     def beat(self) -> None:
         self.slot.beat(time.monotonic())

@@ -42,7 +42,7 @@ from ipc.framing import BadFrame, FrameReader, FrameTooLarge, FrameWriter
 from ipc.heartbeat import INGRESS_COUNTERS, WorkerState
 from workers.backends.base import SAMPLE_RATE
 from workers.balance import LaneBalancer
-from workers.common import LaneWorker, parent_alive, setup_process
+from workers.common import LaneWorker, parent_alive, read_live_config, setup_process
 from workers.faults import FaultInjector
 from workers.spec import WorkerSpec, load_spec
 from workers.vad import SpeechAudio, SpeechEnd, SpeechStart, StreamVad
@@ -239,6 +239,7 @@ class Ingress(LaneWorker):
         loop.add_reader(self.audio_space.fileno(), self.on_audio_space)
         loop.add_signal_handler(signal.SIGTERM, self.start_drain)
         loop.add_signal_handler(signal.SIGUSR1, self.infer_restarted)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.push(rec.RESET, self.spec.generation, 0, b"")
         self.slot.set_state(WorkerState.RUNNING)
         heartbeat = asyncio.create_task(self.heartbeat())
@@ -819,6 +820,21 @@ class Ingress(LaneWorker):
                 )
             )
             self.maybe_close(stream)
+
+    def reload(self) -> None:
+        """SIGHUP: the supervisor reloaded the config. VAD settings and limits apply to new
+        streams and connections; open ones keep what they started with."""
+        cfg = read_live_config(self.spec)
+        if cfg is None:
+            return
+        self.config = cfg
+        lanes = max(1, self.spec.lanes)
+        limits = cfg.limits
+        self.max_connections = -(-limits.max_connections // lanes)
+        self.max_streams = -(-limits.max_streams // lanes)
+        self.welcome.limits.max_frame_bytes = limits.max_frame_bytes
+        self.welcome.limits.max_streams_per_connection = limits.max_streams_per_connection
+        log.info("config reloaded: new streams use it")
 
     def infer_restarted(self) -> None:
         """The lane's infer worker died: utterances it held are lost; say so per stream."""

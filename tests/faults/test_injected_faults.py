@@ -42,7 +42,7 @@ WAIT = 60.0
 
 def config(lanes: int, faults: str, extra: str = "") -> str:
     return (
-        f'lanes = {lanes}\nheartbeat_timeout_s = 1.5\n[backend]\nkind = "null"\ninterim_ms = 0\n'
+        f'lanes = {lanes}\nheartbeat_timeout_s = 3.0\n[backend]\nkind = "null"\ninterim_ms = 0\n'
         "[restart]\nbackoff_initial_s = 0.05\nabort_grace_s = 3.0\n"
         f"{extra}[faults]\n{faults}"
     )
@@ -126,7 +126,7 @@ def test_faults_are_refused_without_the_test_switch(tmp_path: Path) -> None:
 
 def test_infer_worker_hangs(start_daemon: Start) -> None:
     daemon = start_daemon(
-        config(2, 'action = "hang"\nworker = "infer"\nlane = 0\nafter_records = 30\n'),
+        config(2, 'action = "hang"\nworker = "infer"\nlane = 0\nafter_records = 8\n'),
         extra_env=ALLOW,
     )
     streams = streams_on_both_lanes(daemon, 6)
@@ -154,7 +154,7 @@ def test_infer_worker_hangs(start_daemon: Start) -> None:
 
 def test_ingress_worker_hangs(start_daemon: Start) -> None:
     daemon = start_daemon(
-        config(2, 'action = "hang"\nworker = "ingress"\nlane = 0\nafter_records = 12\n'),
+        config(2, 'action = "hang"\nworker = "ingress"\nlane = 0\nafter_records = 5\n'),
         extra_env=ALLOW,
     )
     streams = streams_on_both_lanes(daemon, 6)

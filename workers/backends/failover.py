@@ -409,6 +409,11 @@ class FailoverBackend(Backend):
                 out[f"triton.{name}"] = out.get(f"triton.{name}", 0) + value
         return out
 
+    def set_breaker_config(self, config: BreakerConfig) -> None:
+        """New thresholds and periods (a config reload); states and counts are kept."""
+        for ep in self._endpoints:
+            ep.breaker.config = config
+
     def breakers(self) -> list[CircuitBreaker]:
         return [ep.breaker for ep in self._endpoints]
 
