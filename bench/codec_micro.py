@@ -1,0 +1,210 @@
+"""Micro-benchmark of the per-chunk codec work on the hot path, in nanoseconds per operation.
+
+Single process, single thread: the Python-side cost of what the client, the ingress worker and
+the infer worker do to every 100 ms chunk (3200 bytes of 16 kHz s16le audio), with no I/O:
+
+- ``audio_encode``: msgspec msgpack encoding of an ``ipc.protocol.Audio`` message (built
+  once; the encoder reused, as every client and worker keeps one);
+- ``audio_decode``: decoding that frame body as the ``ClientMessage`` tagged union, as the
+  ingress worker does;
+- ``audio_encode_decode``: both in a row (one hop of a chunk);
+- ``framewriter_append_take``: :class:`~ipc.framing.FrameWriter` ``encode_into`` into its
+  reused buffer, the 4-byte prefix, and ``take()`` (the bytes handed to the socket);
+- ``framereader_feed_decode``: :class:`~ipc.framing.FrameReader` ``feed()`` of one frame and
+  its decode;
+- ``copy_3200_bytes``: ``bytes(bytearray)`` of 3200 bytes (allocation + copy), and
+  ``copy_3200_into``: slice assignment into a preallocated ``bytearray`` (copy only);
+- ``webrtcvad_30ms_speech`` / ``webrtcvad_30ms_silence``: one ``webrtcvad.Vad(2).is_speech``
+  call on a 30 ms frame (960 bytes at 16 kHz) of speech from ``samples/`` and of silence: the
+  VAD runs this per frame, about 3.3 calls per chunk;
+- ``resample_8k_100ms``: python-soxr resampling 100 ms of 8 kHz audio to 16 kHz on a stream
+  (what the ingress worker does for 8 kHz clients).
+
+Each figure is the best per-operation time over repeated batches for ``--seconds`` (minimum
+of means, so scheduling noise is mostly left out). The CPU reference from ``bench.floor``
+(one trivial Python function call) is measured in the same run and kept as the floor, so
+``bench.compare`` can tell a slower machine from slower code. Prints a table and writes
+``bench/results/codec-<timestamp>.json``.
+
+    python -m bench codec [--seconds 0.5] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import time
+import wave
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import soxr
+import webrtcvad
+
+from bench.floor import cpu_reference, metric
+from bench.load import REPO, RESULTS_DIR, machine_facts, write_report
+from ipc.framing import FrameReader, FrameWriter
+from ipc.protocol import Audio, ClientMessage
+
+CHUNK_BYTES = 3200
+VAD_FRAME_BYTES = 960  # 30 ms at 16 kHz, s16le
+FLOOR_KEY = "python_call_us"
+
+
+def _best_ns(fn: Callable[[int], None], n: int, seconds: float) -> float:
+    """Best per-operation time over repeated runs of ``fn(n)`` for about ``seconds``."""
+    best = float("inf")
+    end = time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter_ns()
+        fn(n)
+        best = min(best, (time.perf_counter_ns() - t0) / n)
+        if time.perf_counter() >= end:
+            return best
+
+
+def _speech_frame() -> bytes:
+    """The loudest 30 ms frame of the first 16 kHz sample (speech, for the VAD)."""
+    for path in sorted((REPO / "samples").glob("*.wav")):
+        with wave.open(str(path), "rb") as w:
+            if w.getframerate() != 16000 or w.getsampwidth() != 2 or w.getnchannels() != 1:
+                continue
+            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+        step = VAD_FRAME_BYTES // 2
+        frames = [pcm[i : i + step] for i in range(0, len(pcm) - step, step)]
+        loud = max(frames, key=lambda f: float(np.abs(f.astype(np.int32)).mean()))
+        return loud.tobytes()
+    rng = np.random.default_rng(1)  # no sample: noise is still a realistic VAD workload
+    return (rng.normal(0, 3000, VAD_FRAME_BYTES // 2)).astype(np.int16).tobytes()
+
+
+def run_codec(seconds: float) -> dict[str, float]:
+    pcm = os.urandom(CHUNK_BYTES)
+    msg = Audio(stream="stream-0001", seq=12345, pcm=pcm)
+    enc = msgspec.msgpack.Encoder()
+    dec: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(ClientMessage)
+    body = enc.encode(msg)
+    assert dec.decode(body) == msg
+    writer = FrameWriter()
+    frame = writer.encode(msg)
+    reader: FrameReader[Any] = FrameReader(ClientMessage, 1 << 20)
+    src = bytearray(pcm)
+    dst = bytearray(CHUNK_BYTES)
+    vad = webrtcvad.Vad(2)
+    speech = _speech_frame()
+    silence = bytes(VAD_FRAME_BYTES)
+    pcm8k = np.frombuffer(os.urandom(1600), dtype=np.int16)  # 100 ms at 8 kHz
+
+    def encode(n: int) -> None:
+        e, m = enc.encode, msg
+        for _ in range(n):
+            e(m)
+
+    def decode(n: int) -> None:
+        d, b = dec.decode, body
+        for _ in range(n):
+            d(b)
+
+    def encode_decode(n: int) -> None:
+        e, d, m = enc.encode, dec.decode, msg
+        for _ in range(n):
+            d(e(m))
+
+    def writer_append_take(n: int) -> None:
+        append, take, m = writer.append, writer.take, msg
+        for _ in range(n):
+            append(m)
+            take()
+
+    def reader_feed_decode(n: int) -> None:
+        feed, f = reader.feed, frame
+        for _ in range(n):
+            feed(f)
+            next(reader)
+
+    def copy_bytes(n: int) -> None:
+        s = src
+        for _ in range(n):
+            bytes(s)
+
+    def copy_into(n: int) -> None:
+        s, d = src, dst
+        for _ in range(n):
+            d[:] = s
+
+    def vad_call(frame: bytes, n: int) -> None:
+        is_speech = vad.is_speech
+        for _ in range(n):
+            is_speech(frame, 16000)
+
+    stream = soxr.ResampleStream(8000, 16000, 1, dtype="int16")
+
+    def resample(n: int) -> None:
+        chunk = stream.resample_chunk
+        for _ in range(n):
+            chunk(pcm8k)
+
+    assert vad.is_speech(speech, 16000), "the speech frame should be voiced"
+    cases: dict[str, tuple[Callable[[int], None], int]] = {
+        "audio_encode_ns": (encode, 2000),
+        "audio_decode_ns": (decode, 2000),
+        "audio_encode_decode_ns": (encode_decode, 2000),
+        "framewriter_append_take_ns": (writer_append_take, 2000),
+        "framereader_feed_decode_ns": (reader_feed_decode, 2000),
+        "copy_3200_bytes_ns": (copy_bytes, 5000),
+        "copy_3200_into_ns": (copy_into, 5000),
+        "webrtcvad_30ms_speech_ns": (partial(vad_call, speech), 500),
+        "webrtcvad_30ms_silence_ns": (partial(vad_call, silence), 500),
+        "resample_8k_100ms_ns": (resample, 200),
+    }
+    return {name: round(_best_ns(fn, n, seconds), 1) for name, (fn, n) in cases.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench codec",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(__doc__ or "").split("\n\n")[0],
+    )
+    p.add_argument("--seconds", type=float, default=0.5, help="time per measurement (0.5)")
+    p.add_argument("--json", metavar="PATH", help="report path (default bench/results/...)")
+    p.add_argument("--smoke", action="store_true", help="0.02 s per measurement (tests)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    seconds = 0.02 if args.smoke else args.seconds
+    started = dt.datetime.now(dt.UTC)
+    ref = cpu_reference(min(seconds, 0.2))
+    results = run_codec(seconds)
+    report = {
+        "benchmark": "codec",
+        "started_at": started.isoformat(timespec="seconds"),
+        "smoke": args.smoke,
+        "config": {"seconds": seconds, "chunk_bytes": CHUNK_BYTES, "vad_frame_bytes": 960},
+        "machine": {**machine_facts(), "loadavg": [round(x, 2) for x in os.getloadavg()]},
+        "results_ns": results,
+        "floor": ref,
+        "metrics": {k: metric(v, "ns", FLOOR_KEY) for k, v in results.items()},
+    }
+    path = args.json or RESULTS_DIR / f"codec-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out = write_report(report, Path(path))
+    call_ns = 1000 * ref[FLOOR_KEY]
+    width = max(map(len, results))
+    print(f"{'operation':<{width}}  {'ns/op':>9}  {'x Python call':>13}")
+    for k, v in results.items():
+        print(f"{k:<{width}}  {v:9.1f}  {v / call_ns:13.1f}")
+    print(f"floor: one trivial Python call = {call_ns:.1f} ns (same run)")
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
