@@ -26,7 +26,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy daemon workers ipc
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.load --help
+	$(BIN)/python -m bench --list
 
 clean:
 	rm -rf $(VENV) .venv-triton build *.egg-info ipc/*.so .pytest_cache .mypy_cache .ruff_cache
