@@ -375,7 +375,14 @@ class Supervisor:
             # (during a drain too, so the drain does not wait for finals that cannot come).
             # Only a serving ingress has its handler installed (SIGUSR1 would kill one starting).
             ingress = self.slots[slot_index("ingress", slot.lane)]
-            if ingress.pid and ingress.state == SlotState.RUNNING:
+            # The table, not only our record: a respawned ingress may already serve (its
+            # handler is installed before it says RUNNING) before check_workers has seen it.
+            assert self.table is not None
+            serving = self.table.read(ingress.index)[1] in (
+                WorkerState.RUNNING,
+                WorkerState.DRAINING,
+            )
+            if ingress.pid and (ingress.state == SlotState.RUNNING or serving):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(ingress.pid, signal.SIGUSR1)
         if (

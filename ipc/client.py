@@ -742,7 +742,9 @@ class AsyncClient(_Framing):
                     data = await asyncio.wait_for(self._r.read(RECV_BYTES), left)
             except TimeoutError:
                 return None
-            except ConnectionResetError:
+            except OSError:
+                # Reset, or a broken pipe from an earlier send that asyncio stored in the
+                # reader: the daemon closed the connection either way.
                 data = b""
             self.last_rx = time.monotonic()
             if data:
