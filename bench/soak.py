@@ -77,7 +77,15 @@ from typing import Any
 import msgspec
 import psutil
 
-from bench.load import REPO, RESULTS_DIR, default_wavs, machine_facts, write_report
+from bench.load import (
+    REPO,
+    RESULTS_DIR,
+    _pos_float,
+    _pos_int,
+    default_wavs,
+    machine_facts,
+    write_report,
+)
 from daemon.asrctl import load_wav
 from daemon.errors import ClientError
 from daemon.launcher import DaemonProcess
@@ -1508,20 +1516,6 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 # --- command line -----------------------------------------------------------------------------
-
-
-def _pos_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
-    return v
-
-
-def _pos_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0: {text}")
-    return v
 
 
 def _share(text: str) -> float:
