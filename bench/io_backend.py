@@ -46,7 +46,7 @@ from typing import Any
 import msgspec
 import psutil
 
-from bench.load import machine_facts, summarize
+from bench.load import machine_facts, summarize, write_report
 from ipc.framing import BadFrame, FrameReader, FrameTooLarge, FrameWriter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -554,16 +554,6 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict[str, Any], path: str | Path | None) -> Path:
-    if path is None:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = RESULTS_DIR / f"io_backend-{stamp}.json"
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(msgspec.json.format(msgspec.json.encode(report)) + b"\n")
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.io_backend",
@@ -609,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         pin=args.pin,
     )
     print(format_table(report))
-    out = write_report(report, args.json)
+    out = write_report(report, args.json, "io_backend")
     print(f"report: {out}")
     return 0
 

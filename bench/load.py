@@ -727,10 +727,11 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict[str, Any], path: str | Path | None) -> Path:
+def write_report(report: dict[str, Any], path: str | Path | None, name: str = "load") -> Path:
+    """Write ``report`` as JSON to ``path``, by default ``bench/results/<name>-<time>.json``."""
     if path is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = RESULTS_DIR / f"load-{stamp}.json"
+        path = RESULTS_DIR / f"{name}-{stamp}.json"
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(msgspec.json.format(msgspec.json.encode(report)) + b"\n")
