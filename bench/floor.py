@@ -67,6 +67,7 @@ READY = b"ready\n"
 FULL_COUNT = 10000
 QUICK_COUNT = 2000  # what latency / capacity measure before their own runs
 SMOKE_COUNT = 300
+PACE_S = 0.1  # real time for 100 ms chunks
 
 
 # --- the two server processes -----------------------------------------------------------------
@@ -261,10 +262,14 @@ def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
 
 
 def measure_pipeline(
-    count: int = FULL_COUNT, warmup: int = 200, cpus: set[int] | None = None
+    count: int = FULL_COUNT,
+    warmup: int = 200,
+    cpus: set[int] | None = None,
+    pace_s: float = 0.0,
 ) -> dict[str, Any]:
     """``count`` timed chunk round trips through client -> ingress -> worker -> ingress ->
-    client; all three processes on ``cpus`` when given. Times in microseconds."""
+    client; all three processes on ``cpus`` when given; ``pace_s`` of sleep before each chunk
+    (0.1 = real time, so every chunk finds the processes asleep). Times in microseconds."""
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     audio = Ring.create(f"/asrd-floor-{tag}-a", RING_BYTES)
     results = Ring.create(f"/asrd-floor-{tag}-r", RING_BYTES)
@@ -290,6 +295,8 @@ def measure_pipeline(
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.connect(path)
                 for seq in range(warmup + count):
+                    if pace_s:
+                        time.sleep(pace_s)
                     t0 = perf()
                     sock.sendall(writer.encode(Audio(stream="floor", seq=seq, pcm=pcm)))
                     _recv_exactly(sock, head)
@@ -320,6 +327,7 @@ def measure_pipeline(
     s = summarize(samples)
     return {
         "count": count,
+        "pace_s": pace_s,
         "msg_bytes": CHUNK_BYTES,
         "p50_us": s["p50"],
         "p90_us": s["p90"],
@@ -376,10 +384,11 @@ def default_cpu() -> int:
 
 
 def measure_floor(
-    count: int = QUICK_COUNT, cpu: int | None = None, *, pinned: bool = True
+    count: int = QUICK_COUNT, cpu: int | None = None, *, pinned: bool = True, paced: int = 0
 ) -> dict[str, Any]:
-    """The pipeline and the echo, unpinned and (``pinned``) on one core; plus the CPU
-    reference. Returns ``{"figures": {flat key: µs}, "detail": {...}}``."""
+    """The pipeline and the echo, unpinned and (``pinned``) on one core; with ``paced`` > 0,
+    also that many pipeline round trips one per 100 ms (real time: each finds the processes
+    asleep); plus the CPU reference. Returns ``{"figures": {flat key: µs}, "detail": {...}}``."""
     cpu = default_cpu() if cpu is None else cpu
     detail: dict[str, Any] = {"count": count, "cpu": cpu if pinned else None}
     detail["echo_unpinned"] = measure_echo(count)
@@ -387,9 +396,12 @@ def measure_floor(
     if pinned:
         detail["echo_pinned"] = measure_echo(count, {cpu})
         detail["pipeline_pinned"] = measure_pipeline(count, cpus={cpu})
+    if paced:
+        detail["pipeline_paced"] = measure_pipeline(paced, warmup=5, pace_s=PACE_S)
     detail["cpu_reference"] = cpu_reference(0.05 if count <= SMOKE_COUNT else 0.2)
     figures: dict[str, float] = {}
-    for part in ("pipeline_unpinned", "pipeline_pinned", "echo_unpinned", "echo_pinned"):
+    parts = ("pipeline_unpinned", "pipeline_pinned", "pipeline_paced", "echo_unpinned")
+    for part in (*parts, "echo_pinned"):
         if part in detail:
             figures[f"{part}_p50_us"] = detail[part]["p50_us"]
             figures[f"{part}_p99_us"] = detail[part]["p99_us"]
@@ -416,6 +428,7 @@ def floor_table(floor: dict[str, Any]) -> str:
     labels = {
         "pipeline_pinned": f"pipeline, 3 processes on CPU {d.get('cpu')}",
         "pipeline_unpinned": "pipeline, unpinned",
+        "pipeline_paced": "pipeline, unpinned, a chunk per 100 ms",
         "echo_pinned": f"raw UDS echo, 2 processes on CPU {d.get('cpu')}",
         "echo_unpinned": "raw UDS echo, unpinned",
     }

@@ -21,9 +21,11 @@ kernel, Python, package versions), and two sections ``bench.compare`` reads:
 Benchmarks defined here (the others live in their own modules and are wrapped):
 
 - ``latency``: chunk round trip (Audio sent -> its Partial) through asrd started here with the
-  ``null`` backend (``interim_ms = 0``, VAD off, default lanes), loaded by ``bench.load`` at 1,
-  100, 500 and 1,000 real-time streams (10 streams per connection, more generator processes
-  from 500 streams on), after a quick floor;
+  ``null`` backend (``interim_ms = 0``, VAD off, default lanes). First one stream measured
+  exactly as the floor is (``bench.closed_loop``: the floor's blocking client, one chunk in
+  flight), back to back and at real time (a chunk per 100 ms), each beside the floor pipeline
+  run the same way; then ``bench.load`` at 1, 100, 500 and 1,000 real-time streams (10 streams
+  per connection, more generator processes from 500 streams on);
 - ``capacity``: per backend (``null``, ``embedded``), the number of real-time streams is
   stepped up (x1.5 for null, +1 for embedded) until the chunk round trip's p99 passes 20 ms or
   anything goes wrong (errors, failed connections, streams left open, nothing answered), then
@@ -144,6 +146,12 @@ REGISTRY: dict[str, Benchmark] = {
             "bench.suite:run_soak",
             "bench.soak",
             own_smoke_test="tests/test_bench_soak.py",
+        ),
+        Benchmark(
+            "profile",
+            "py-spy profile of every asrd process under real-time load: top frames per role",
+            "bench.suite:run_profile",
+            "bench.profile",
         ),
         Benchmark(
             "accuracy",
@@ -296,16 +304,25 @@ def latency_main(argv: list[str] | None = None) -> int:
         "--streams", type=_streams_list, default=[1, 100, 500, 1000], help="(1,100,500,1000)"
     )
     p.add_argument("--duration", type=float, default=20.0, help="seconds per stream count (20)")
+    p.add_argument(
+        "--paced-count",
+        type=int,
+        default=150,
+        help="one-stream round trips at real time, floor and asrd each (150: 15 s each)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.streams, args.duration, args.floor_count, args.drain_timeout = [1, 10], 2.0, 300, 5.0
-    from bench.floor import floor_table, measure_floor
+        args.paced_count = 10
+    from bench import closed_loop
+    from bench.floor import PACE_S, floor_table, measure_floor
     from bench.memory import daemon_config
     from daemon.launcher import DaemonProcess
 
     started = dt.datetime.now(dt.UTC)
     print("[bench latency] floor", file=sys.stderr, flush=True)
-    floor = measure_floor(args.floor_count)
+    floor = measure_floor(args.floor_count, paced=args.paced_count)
+    one: dict[str, Any] = {}
     rows = []
     with tempfile.TemporaryDirectory(prefix="asrd-bl-") as tmp:
         logdir = args.log_dir or Path(tmp)
@@ -313,6 +330,10 @@ def latency_main(argv: list[str] | None = None) -> int:
         log = logdir / "asrd-latency.log"
         try:
             with DaemonProcess(daemon_config("null", args.lanes), log_path=log) as daemon:
+                print("[bench latency] 1 stream, closed loop", file=sys.stderr, flush=True)
+                sock = str(daemon.socket_path)
+                one["back_to_back"] = closed_loop.measure(sock, args.floor_count)
+                one["paced"] = closed_loop.measure(sock, args.paced_count, warmup=5, pace_s=PACE_S)
                 for n in args.streams:
                     print(f"[bench latency] {n} streams", file=sys.stderr, flush=True)
                     rows.append(
@@ -329,7 +350,16 @@ def latency_main(argv: list[str] | None = None) -> int:
         except (TimeoutError, RuntimeError) as exc:
             print(f"bench latency: the daemon failed: {exc}\n{_log_tail(log)}", file=sys.stderr)
             return 1
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {
+        "one_stream_p50_us": metric(
+            one["back_to_back"]["p50_us"], "us", "pipeline_unpinned_p50_us"
+        ),
+        "one_stream_p99_us": metric(
+            one["back_to_back"]["p99_us"], "us", "pipeline_unpinned_p99_us"
+        ),
+        "one_stream_paced_p50_us": metric(one["paced"]["p50_us"], "us", "pipeline_paced_p50_us"),
+        "one_stream_paced_p99_us": metric(one["paced"]["p99_us"], "us", "pipeline_paced_p99_us"),
+    }
     for r in rows:
         n = r["streams"]
         rtt = r["chunk_rtt_ms"]
@@ -352,10 +382,12 @@ def latency_main(argv: list[str] | None = None) -> int:
             "procs": args.procs,
             "lanes": args.lanes,
             "floor_count": args.floor_count,
+            "paced_count": args.paced_count,
         },
         "machine": _machine(),
         "floor_detail": floor["detail"],
         "floor": floor["figures"],
+        "one_stream": one,
         "results": rows,
         "metrics": metrics,
     }
@@ -366,10 +398,33 @@ def latency_main(argv: list[str] | None = None) -> int:
     )
     print(step_table(rows))
     print()
+    print(one_stream_table(one, floor["figures"]))
+    print()
     print(floor_table(floor))
     print(f"report: {out}")
     failed = [r for r in rows if r["connect_failures"] or not r["partials_matched"]]
     return 1 if failed else 0
+
+
+def one_stream_table(one: dict[str, Any], floor: dict[str, float]) -> str:
+    """The closed-loop rows against the floor pipeline measured the same way."""
+    lines = [
+        f"{'1 stream, closed loop (us)':34}{'p50':>9}{'p99':>9}{'floor p50':>11}{'p99':>9}"
+        f"{'ratio p50':>11}{'p99':>7}"
+    ]
+    for key, label, fkey in (
+        ("back_to_back", "back to back", "pipeline_unpinned"),
+        ("paced", "a chunk per 100 ms", "pipeline_paced"),
+    ):
+        r = one[key]
+        f50, f99 = floor.get(f"{fkey}_p50_us"), floor.get(f"{fkey}_p99_us")
+        r50 = r["p50_us"] / f50 if f50 else None
+        r99 = r["p99_us"] / f99 if f99 else None
+        lines.append(
+            f"{label:34}{r['p50_us']:>9.1f}{r['p99_us']:>9.1f}{_fmt(f50, 1):>11}"
+            f"{_fmt(f99, 1):>9}{_fmt(r50):>11}{_fmt(r99):>7}"
+        )
+    return "\n".join(lines)
 
 
 @dataclass
@@ -597,6 +652,12 @@ def run_memory(argv: list[str], smoke: bool, path: Path) -> int:
     from bench import memory
 
     return memory.main(_with_smoke(argv, smoke, path))
+
+
+def run_profile(argv: list[str], smoke: bool, path: Path) -> int:
+    from bench import profile
+
+    return profile.main(_with_smoke(argv, smoke, path))
 
 
 def run_codec(argv: list[str], smoke: bool, path: Path) -> int:

@@ -32,9 +32,10 @@ EXPECTED = {
     "io_backend",
     "soak",
     "accuracy",
+    "profile",
 }
 # Seconds each takes here (2 vCPUs, busy): floor 7, latency 17, capacity 28 (two daemons),
-# memory 10, accuracy 8, io_backend 3, ring 1, codec 2.
+# memory 10, accuracy 8, io_backend 3, ring 1, codec 2, profile 10.
 SMOKE_RUNS = [
     pytest.param(b.name, marks=pytest.mark.timeout(240))
     for b in suite.REGISTRY.values()
@@ -111,6 +112,13 @@ def test_smoke_run(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     # Every report compares with itself: nothing regressed.
     assert compare.main([str(out), str(out)]) == 0
+
+    if name == "profile":  # every worker was sampled, and its raw stacks were kept
+        roles = report["profiles"]
+        # The smoke's one connection loads one lane: its two workers were busy.
+        assert any(r.startswith("ingress") and p["samples"] for r, p in roles.items()), roles
+        assert any(r.startswith("infer") and p["samples"] for r, p in roles.items()), roles
+        assert all((Path(report["raw_stacks"]) / f"{r}.txt").is_file() for r in roles)
 
 
 def test_floor_reads_the_pipeline_against_the_echo(tmp_path: Path) -> None:
@@ -227,3 +235,19 @@ def test_key_figures_of_reports_written_before_the_suite() -> None:
     assert floor["grpc/none.x1.latency_p50_us"] == 2000.0
     m = metrics["daemon.grpc/none.x1.rtt_p50_ms"]
     assert compare.normalise(m, floor, raw=False) == (1.5, "")
+
+
+def test_profile_parses_py_spy_stacks() -> None:
+    from bench import profile
+
+    raw = (
+        "<module> (/x/workers/infer.py:9);run (/x/workers/infer.py:100);"
+        "poll (/x/ipc/ring.py:5) 6\n"
+        "<module> (/x/workers/infer.py:9);run (/x/workers/infer.py:101) 4\n"
+        "garbage line\n"
+    )
+    top = profile.top_frames(profile.parse_raw(raw))
+    assert top["samples"] == 10
+    assert top["self"][0] == {"frame": "poll (ipc/ring.py)", "samples": 6, "share": 0.6}
+    assert top["self"][1]["frame"] == "run (workers/infer.py)"  # lines 100 and 101 merged
+    assert top["total"][0]["samples"] == 10 and top["total"][0]["share"] == 1.0
