@@ -8,8 +8,14 @@ the infer worker do to every 100 ms chunk (3200 bytes of 16 kHz s16le audio), wi
 - ``audio_decode``: decoding that frame body as the ``ClientMessage`` tagged union, as the
   ingress worker does;
 - ``audio_encode_decode``: both in a row (one hop of a chunk);
-- ``framewriter_append_take``: :class:`~ipc.framing.FrameWriter` ``encode_into`` into its
-  reused buffer, the 4-byte prefix, and ``take()`` (the bytes handed to the socket);
+- ``framewriter_append_take``: :class:`~ipc.framing.FrameWriter` ``append`` of the Audio frame
+  and ``take()`` (the bytes handed to the socket);
+- ``partials_x10_framewriter``: ten ``Partial`` messages appended and one ``take()`` (what the
+  ingress worker writes to a connection of 10 streams); ``partials_x10_encode_into``: the same
+  with the design FrameWriter had before, ``encode_into`` a reused bytearray at an offset
+  (kept here as the reference it was measured against);
+- ``pcm_float_roundtrip``: a chunk to float32 and back to int16 bytes, the work that keeping
+  raw bytes (converting only for a recognizer or resampler that needs floats) saves;
 - ``framereader_feed_decode``: :class:`~ipc.framing.FrameReader` ``feed()`` of one frame and
   its decode;
 - ``copy_3200_bytes``: ``bytes(bytearray)`` of 3200 bytes (allocation + copy), and
@@ -50,7 +56,7 @@ import webrtcvad
 from bench.floor import cpu_reference, metric
 from bench.load import REPO, RESULTS_DIR, machine_facts, write_report
 from ipc.framing import FrameReader, FrameWriter
-from ipc.protocol import Audio, ClientMessage
+from ipc.protocol import Audio, ClientMessage, Partial
 
 CHUNK_BYTES = 3200
 VAD_FRAME_BYTES = 960  # 30 ms at 16 kHz, s16le
@@ -84,6 +90,26 @@ def _speech_frame() -> bytes:
     return (rng.normal(0, 3000, VAD_FRAME_BYTES // 2)).astype(np.int16).tobytes()
 
 
+class EncodeIntoWriter:
+    """FrameWriter's former design: ``encode_into`` one reused bytearray after a 4-byte gap,
+    then the prefix written into the gap; ``take()`` copies the buffer out."""
+
+    def __init__(self) -> None:
+        self._enc = msgspec.msgpack.Encoder()
+        self._buf = bytearray()
+
+    def append(self, msg: Any) -> None:
+        buf = self._buf
+        start = len(buf)
+        self._enc.encode_into(msg, buf, start + 4)
+        buf[start : start + 4] = (len(buf) - start - 4).to_bytes(4, "big")
+
+    def take(self) -> bytes:
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+
 def run_codec(seconds: float) -> dict[str, float]:
     pcm = os.urandom(CHUNK_BYTES)
     msg = Audio(stream="stream-0001", seq=12345, pcm=pcm)
@@ -100,6 +126,14 @@ def run_codec(seconds: float) -> dict[str, float]:
     speech = _speech_frame()
     silence = bytes(VAD_FRAME_BYTES)
     pcm8k = np.frombuffer(os.urandom(1600), dtype=np.int16)  # 100 ms at 8 kHz
+    partials = [
+        Partial(stream=f"s{i}.0", utterance=1, text=f"chunks={i + 10} bytes=38400", seq=i + 9)
+        for i in range(10)
+    ]
+    old_writer = EncodeIntoWriter()
+    assert old_writer.append(partials[0]) is None and old_writer.take() == writer.encode(
+        partials[0]
+    )
 
     def encode(n: int) -> None:
         e, m = enc.encode, msg
@@ -121,6 +155,18 @@ def run_codec(seconds: float) -> dict[str, float]:
         for _ in range(n):
             append(m)
             take()
+
+    def ten_partials(w: Any, n: int) -> None:
+        append, take, ms = w.append, w.take, partials
+        for _ in range(n):
+            for m in ms:
+                append(m)
+            take()
+
+    def float_roundtrip(n: int) -> None:
+        for _ in range(n):
+            x = np.frombuffer(pcm, dtype=np.int16).astype(np.float32)
+            np.rint(x).clip(-32768, 32767).astype(np.int16).tobytes()
 
     def reader_feed_decode(n: int) -> None:
         feed, f = reader.feed, frame
@@ -156,7 +202,10 @@ def run_codec(seconds: float) -> dict[str, float]:
         "audio_decode_ns": (decode, 2000),
         "audio_encode_decode_ns": (encode_decode, 2000),
         "framewriter_append_take_ns": (writer_append_take, 2000),
+        "partials_x10_framewriter_ns": (partial(ten_partials, writer), 500),
+        "partials_x10_encode_into_ns": (partial(ten_partials, old_writer), 500),
         "framereader_feed_decode_ns": (reader_feed_decode, 2000),
+        "pcm_float_roundtrip_ns": (float_roundtrip, 500),
         "copy_3200_bytes_ns": (copy_bytes, 5000),
         "copy_3200_into_ns": (copy_into, 5000),
         "webrtcvad_30ms_speech_ns": (partial(vad_call, speech), 500),
