@@ -10,11 +10,14 @@ always this checkout's. Then, ``--rounds`` times, each side in turn starts its o
 - ``--streams`` real-time streams through ``bench.load`` for ``--duration`` s: chunk round trip
   p50 / p99 and daemon CPU per chunk.
 
-Interleaving (A B A B) spreads the machine's drift over both sides; the table gives each
-figure's median over the rounds and the after/before ratio. This is how each optimisation in
-docs/performance.md was kept or dropped.
+Interleaving (A B B A ...) spreads the machine's drift and any order effect over both sides;
+the table gives each figure's median over the rounds and the after/before ratio. This is how
+each optimisation in docs/performance.md was kept or dropped. Identical commits give ratios
+within about 0.85-1.2 for the one-stream and N-stream round trips here (separate daemon starts
+differ that much), and within a few per cent for daemon CPU per chunk.
 
     python -m bench.ab BEFORE AFTER [--rounds 3] [--streams 500] [--duration 10]
+    python -m bench.ab HEAD HEAD --after-extra '[placement]\\npinning = "on"'   # a setting
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ import msgspec
 
 from bench.load import REPO, machine_facts, write_report
 
+SETTLE_S = 2.0
 FIGURES = (
     ("one_p50_us", "1 stream p50, us"),
     ("one_p99_us", "1 stream p99, us"),
@@ -67,7 +72,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     os.chdir(tree)  # `python -m daemon.cli` finds its packages in its working directory first
     with tempfile.TemporaryDirectory(prefix="asrd-ab-") as tmp:
         log = Path(tmp) / "asrd.log"
-        with DaemonProcess(daemon_config("null", args.lanes), log_path=log) as daemon:
+        config = daemon_config("null", args.lanes) + args.extra.replace("\\n", "\n")
+        with DaemonProcess(config, log_path=log) as daemon:
             code = _code_of(daemon.pid)
             if code != {str(tree)}:
                 raise RuntimeError(f"the daemon runs code from {code}, not {tree}")
@@ -100,10 +106,11 @@ def _worktree(rev: str, path: Path) -> Path:
     return path
 
 
-def _run_side(tree: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def _run_side(tree: Path, args: argparse.Namespace, extra: str, out: Path) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.ab", "--measure", "--tree", str(tree), "--json", str(out)]
     cmd += ["--streams", str(args.streams), "--duration", str(args.duration)]
     cmd += ["--count", str(args.count)] + (["--lanes", str(args.lanes)] if args.lanes else [])
+    cmd += ["--extra", extra]
     subprocess.run(cmd, cwd=REPO, check=True, timeout=args.duration * 4 + 300)
     data: dict[str, Any] = msgspec.json.decode(out.read_bytes())
     return data
@@ -118,7 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load per side (10)")
     p.add_argument("--count", type=int, default=2000, help="closed-loop round trips (2000)")
     p.add_argument("--lanes", type=int, default=None, help="daemon lanes (default: auto)")
+    p.add_argument(
+        "--before-extra",
+        default="",
+        metavar="TOML",
+        help="appended to the before side's daemon config (\\n for new lines)",
+    )
+    p.add_argument("--after-extra", default="", metavar="TOML", help="the same, after side")
     p.add_argument("--json", metavar="PATH", help="report path")
+    p.add_argument("--extra", default="", help=argparse.SUPPRESS)
     p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tree", help=argparse.SUPPRESS)
     return p
@@ -140,9 +155,15 @@ def main(argv: list[str] | None = None) -> int:
             for side in ("before", "after"):
                 trees[side] = _worktree(getattr(args, side), root / side)
             for i in range(args.rounds):
-                for side in ("before", "after"):
+                # ABBA: whichever side runs second in a round is not always the same one.
+                order = ("before", "after") if i % 2 == 0 else ("after", "before")
+                for side in order:
                     print(f"[bench.ab] round {i + 1}: {side}", file=sys.stderr, flush=True)
-                    runs[side].append(_run_side(trees[side], args, root / f"{side}-{i}.json"))
+                    time.sleep(SETTLE_S)  # the previous daemon's exit and the page cache
+                    extra = getattr(args, f"{side}_extra")
+                    runs[side].append(
+                        _run_side(trees[side], args, extra, root / f"{side}-{i}.json")
+                    )
         finally:
             for tree in trees.values():
                 subprocess.run(
@@ -158,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "ab",
         "before": args.before,
         "after": args.after,
-        "config": {k: v for k, v in vars(args).items() if k not in ("measure", "tree", "json")},
+        "config": {
+            k: v for k, v in vars(args).items() if k not in ("measure", "tree", "extra", "json")
+        },
         "machine": machine_facts(),
         "runs": runs,
         "summary": summary,

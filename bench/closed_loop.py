@@ -87,7 +87,7 @@ def measure(
         conn.send(p.Hello(protocol=p.PROTOCOL_VERSION))
         conn.expect(p.Welcome)
         conn.send(p.Start(stream="cl", sample_rate=16000))
-        conn.expect(p.Started)
+        lane = conn.expect(p.Started).lane
         pcm = os.urandom(CHUNK_BYTES)
         perf = time.perf_counter_ns
         for seq in range(warmup + count):
@@ -113,6 +113,7 @@ def measure(
     return {
         "count": count,
         "pace_s": pace_s,
+        "lane": lane,
         "p50_us": s["p50"],
         "p90_us": s["p90"],
         "p99_us": s["p99"],
