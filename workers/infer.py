@@ -4,9 +4,10 @@ Threading model: one thread, one loop. It sleeps in ``poll()`` on the audio ring
 descriptor (and, while the result ring is full, on the result ring's space wake-up), with a
 timeout of ``heartbeat_interval_s`` so that it beats even when idle.
 
-Liveness: the heartbeat is written after every record and every poll, so a beat older than
-``heartbeat_timeout_s`` means one recognizer call has been stuck that long (the supervisor then
-kills and replaces the worker). A record of 100 ms of audio costs about 15 ms of pocketsphinx.
+Liveness: the heartbeat (one monotonic timestamp) is written after every record and every
+poll, so a beat older than ``heartbeat_timeout_s`` means one recognizer call has been stuck that
+long (the supervisor then kills and replaces the worker); the counters are published once per
+batch. A record of 100 ms of audio costs about 15 ms of pocketsphinx.
 
 Limits: records are handled in batches of at most ``BATCH`` so partials and heartbeats are not
 starved by a deep ring; utterances beyond the backend's decoder bound wait (their audio is
@@ -48,7 +49,6 @@ class Utterance:
     started: bool = False  # holds a decoder
     ended: bool = False  # END seen while still waiting for a decoder
     audio_seq: int = -1
-    dirty: bool = False
     last_partial_at: float = 0.0
     last_partial: str = ""
     waiting_audio: list[bytes] = field(default_factory=list)
@@ -61,6 +61,9 @@ class InferWorker(LaneWorker):
         self.heartbeat_interval = cfg.heartbeat_interval_s
         self.utterances: dict[int, Utterance] = {}
         self.waiting: deque[Utterance] = deque()
+        # Utterances fed since their last partial (only those that want partials), by key: the
+        # partial pass visits these, not every open utterance.
+        self.due: dict[int, Utterance] = {}
         # Audio of started utterances from the current batch of records, fed at its end.
         self.feeds: dict[int, list[bytes]] = {}
         self.stopping = False
@@ -90,7 +93,7 @@ class InferWorker(LaneWorker):
         self.push_result(rec.HELLO, 0, self.spec.generation, b"")
         self.flush_signal()
         self.slot.set_state(WorkerState.RUNNING)
-        self.beat()
+        self.publish()
         log.info("serving with the %s backend", self.backend.name)
         poller = select.poll()
         poller.register(self.audio_data.fileno(), select.POLLIN)
@@ -104,9 +107,9 @@ class InferWorker(LaneWorker):
             if not records:
                 self.emit_partials()
                 self.flush_signal()
-                self.beat()
+                self.publish()
                 if self.audio.prepare_sleep():
-                    woken = poller.poll(timeout_ms if not self.has_due_partials() else 10)
+                    woken = poller.poll(timeout_ms if not self.due else 10)
                     self.audio.end_sleep()
                     if woken:
                         self.audio_data.drain()
@@ -119,6 +122,7 @@ class InferWorker(LaneWorker):
                 self.flush_feeds()
                 self.emit_partials()
                 self.flush_signal()
+                self.publish()
             now = time.monotonic()
             if now - last_parent_check > 0.5:
                 last_parent_check = now
@@ -126,7 +130,7 @@ class InferWorker(LaneWorker):
                     log.error("supervisor died; exiting")
                     break
         self.slot.set_state(WorkerState.STOPPED)
-        self.beat()
+        self.publish()
         self.close()
         return 0
 
@@ -146,6 +150,11 @@ class InferWorker(LaneWorker):
             log.info("config reloaded: breaker settings applied")
 
     def beat(self) -> None:
+        """Proof of progress: cheap enough for every record."""
+        self.slot.beat(time.monotonic())
+
+    def publish(self) -> None:
+        """The heartbeat and every counter (once per batch or poll)."""
         self.slot.beat(time.monotonic())
         c = self.counters
         c["active_utterances"] = self.backend.active()
@@ -243,8 +252,8 @@ class InferWorker(LaneWorker):
             error = errors.get(key)
             if error is not None:  # a recognizer failure ends this utterance only
                 self.fail(u, error)
-            else:
-                u.dirty = True
+            elif u.interim_ms >= 0:
+                self.due[key] = u
 
     def try_start(self, u: Utterance) -> bool:
         try:
@@ -265,7 +274,8 @@ class InferWorker(LaneWorker):
             except Exception as exc:
                 self.fail(u, exc)
                 return False
-            u.dirty = True
+            if u.interim_ms >= 0:
+                self.due[u.key] = u
         if u.ended:
             self.finish(u)
         return True
@@ -328,17 +338,18 @@ class InferWorker(LaneWorker):
         self.push_result(rec.FAILED, u.key, u.number, payload)
 
     # --- partials -------------------------------------------------------------------------------
-    def has_due_partials(self) -> bool:
-        return any(u.dirty and u.interim_ms >= 0 for u in self.utterances.values())
-
     def emit_partials(self) -> None:
+        if not self.due:
+            return
         now = time.monotonic()
-        for u in self.utterances.values():
-            if not u.dirty or u.interim_ms < 0 or not u.started:
+        utterances = self.utterances
+        for key, u in list(self.due.items()):
+            if utterances.get(key) is not u:
+                del self.due[key]  # finished or dropped since it was fed
                 continue
             if now - u.last_partial_at < u.interim_ms / 1000.0:
                 continue
-            u.dirty = False
+            del self.due[key]
             u.last_partial_at = now
             try:
                 text = self.backend.partial(u.key)
