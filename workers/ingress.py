@@ -4,9 +4,7 @@ Threading model: one asyncio event loop. Client sockets are ``BufferedProtocol``
 accepted on the listening socket shared by every lane's ingress worker (the kernel gives each
 connection to one of them). Speech goes to the lane's audio ring; results come back through the
 result ring, whose eventfd is registered with the loop. Socket writes are batched: messages are
-encoded as they are produced and written once per callback: at the end of a connection's read
-(``buffer_updated``) and of a result-ring drain (``on_results``), the same pass that produced
-them, with one ring wake-up; other callbacks fall back to one flush per loop iteration.
+encoded into each connection's reused buffer and written once per loop iteration.
 
 Liveness: a task beats the heartbeat every ``heartbeat_interval_s``; a beat older than
 ``heartbeat_timeout_s`` means the loop is blocked, and the supervisor replaces the worker.
@@ -123,7 +121,6 @@ class Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.reader.buffer_updated(nbytes)
         ingress = self.ingress
-        ingress.inline = True
         try:
             for msg in self.reader:
                 if self.closing:
@@ -143,9 +140,6 @@ class Connection(asyncio.BufferedProtocol):
         except FrameTooLarge as exc:
             ingress.counters["bad_frames"] += 1
             self.fail(p.ErrorCode.FRAME_TOO_LARGE, f"{exc}; closing the connection")
-        finally:
-            ingress.inline = False
-            ingress.flush()  # in this pass: no extra loop iteration before the ring wake-up
 
     def eof_received(self) -> bool:
         return False
@@ -218,7 +212,6 @@ class Ingress(LaneWorker):
         self.signal_audio = False
         self.dirty: set[Connection] = set()
         self.flush_scheduled = False
-        self.inline = False  # inside a callback that flushes when it ends
         self.draining = False
         self.stopped: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -385,12 +378,12 @@ class Ingress(LaneWorker):
 
     def mark_dirty(self, conn: Connection) -> None:
         self.dirty.add(conn)
-        if not self.flush_scheduled and not self.inline and self.loop is not None:
+        if not self.flush_scheduled and self.loop is not None:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """One socket write per connection written to, one ring wake-up."""
+        """Once per loop iteration: one socket write per connection, one ring wake-up."""
         self.flush_scheduled = False
         dirty, self.dirty = self.dirty, set()
         for conn in dirty:
@@ -679,7 +672,7 @@ class Ingress(LaneWorker):
             self.faults.record()
             payload = self.faults.payload(payload)
         self.signal_audio = True
-        if not self.flush_scheduled and not self.inline and self.loop is not None:
+        if not self.flush_scheduled and self.loop is not None:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
         if not self.backlog and self.audio.try_push(kind, key, seq, payload):
@@ -732,15 +725,6 @@ class Ingress(LaneWorker):
         results = self.results
         results.end_sleep()
         self.result_data.drain()
-        self.inline = True
-        try:
-            self.drain_results()
-        finally:
-            self.inline = False
-            self.flush()  # the results' writes, in this pass
-
-    def drain_results(self) -> None:
-        results = self.results
         while True:
             batch = results.pop_many(256)
             if not batch:
