@@ -85,6 +85,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 per_connection=10,
                 procs=None,
                 drain_timeout=10.0,
+                generator=args.generator,
             )
     return {
         "one_p50_us": one["p50_us"],
@@ -110,7 +111,7 @@ def _run_side(tree: Path, args: argparse.Namespace, extra: str, out: Path) -> di
     cmd = [sys.executable, "-m", "bench.ab", "--measure", "--tree", str(tree), "--json", str(out)]
     cmd += ["--streams", str(args.streams), "--duration", str(args.duration)]
     cmd += ["--count", str(args.count)] + (["--lanes", str(args.lanes)] if args.lanes else [])
-    cmd += ["--extra", extra]
+    cmd += ["--extra", extra, "--generator", args.generator]
     subprocess.run(cmd, cwd=REPO, check=True, timeout=args.duration * 4 + 300)
     data: dict[str, Any] = msgspec.json.decode(out.read_bytes())
     return data
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load per side (10)")
     p.add_argument("--count", type=int, default=2000, help="closed-loop round trips (2000)")
     p.add_argument("--lanes", type=int, default=None, help="daemon lanes (default: auto)")
+    p.add_argument(
+        "--generator", choices=("fleet", "asyncio"), default="fleet", help="(fleet: bench.fleet)"
+    )
     p.add_argument(
         "--before-extra",
         default="",

@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=int, default=100, help="samples per second (100)")
     p.add_argument("--top", type=int, default=12, help="frames per table (12)")
     p.add_argument("--lanes", type=int, default=None, help="daemon lanes (default: auto)")
+    p.add_argument(
+        "--generator", choices=("fleet", "asyncio"), default="fleet", help="(fleet: bench.fleet)"
+    )
     p.add_argument("--json", metavar="PATH", help="report path")
     p.add_argument("--smoke", action="store_true", help="tiny run (tests)")
     return p
@@ -198,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                             per_connection=args.per_connection,
                             procs=None,
                             drain_timeout=10.0,
+                            generator=args.generator,
                         )
                     )
                 except BaseException as exc:  # reported below, after the daemon stops

@@ -24,8 +24,8 @@ Benchmarks defined here (the others live in their own modules and are wrapped):
   ``null`` backend (``interim_ms = 0``, VAD off, default lanes). First one stream measured
   exactly as the floor is (``bench.closed_loop``: the floor's blocking client, one chunk in
   flight), back to back and at real time (a chunk per 100 ms), each beside the floor pipeline
-  run the same way; then ``bench.load`` at 1, 100, 500 and 1,000 real-time streams (10 streams
-  per connection, more generator processes from 500 streams on);
+  run the same way; then a load generator (``--generator``: ``bench.fleet`` by default, or
+  ``bench.load``) at 1, 100, 500 and 1,000 real-time streams (10 streams per connection);
 - ``capacity``: per backend (``null``, ``embedded``), the number of real-time streams is
   stepped up (x1.5 for null, +1 for embedded) until the chunk round trip's p99 passes 20 ms or
   anything goes wrong (errors, failed connections, streams left open, nothing answered), then
@@ -190,8 +190,28 @@ def load_step(
     per_connection: int,
     procs: int | None,
     drain_timeout: float,
+    generator: str = "fleet",
 ) -> dict[str, Any]:
-    """One ``bench.load`` run against ``daemon``: VAD off, files looped, no floor of its own."""
+    """One run of a load generator against ``daemon``: VAD off, files looped.
+
+    ``fleet`` (``bench.fleet``): each connection sends one chunk of each of its streams per
+    period in one write, as a gateway does, from one lean loop per process; ``asyncio``
+    (``bench.load``): a task and a timer per stream, starts staggered over the period, as
+    independent clients would; it costs the generator more CPU per chunk than the daemon
+    spends, so from about 500 streams it measures itself as much as asrd.
+    """
+    if generator == "fleet":
+        from bench.fleet import run_fleet
+
+        return run_fleet(
+            str(daemon.socket_path),
+            streams,
+            duration,
+            per_connection=per_connection,
+            procs=procs or 1,
+            daemon_pid=daemon.pid,
+            drain_timeout=drain_timeout,
+        )
     from bench import load
 
     connections = max(1, math.ceil(streams / max(1, per_connection)))
@@ -213,6 +233,7 @@ def load_step(
     report = load.run_load(args)
     r = report["results"]
     return {
+        "generator": "asyncio",
         "streams": streams,
         "connections": connections,
         "procs": report["config"]["procs"],
@@ -239,7 +260,7 @@ def _fmt(v: float | None, nd: int = 2) -> str:
 def step_table(rows: list[dict[str, Any]], verdicts: bool = False) -> str:
     head = (
         f"{'streams':>8}{'conns':>7}{'procs':>6}{'chunks':>9}{'rtt p50':>9}{'p99':>9}"
-        f"{'max':>9}{'late p50':>9}{'p99':>8}{'CPU us/chunk':>13}  errors"
+        f"{'max':>9}{'late p50':>9}{'p99':>8}{'CPU us/chunk':>13}{'gen':>6}  errors"
     )
     lines = [head + ("  verdict" if verdicts else "")]
     for r in rows:
@@ -249,7 +270,8 @@ def step_table(rows: list[dict[str, Any]], verdicts: bool = False) -> str:
             f"{r['streams']:>8}{r['connections']:>7}{r['procs']:>6}{r['chunks_sent']:>9}"
             f"{_fmt(rtt['p50']):>9}{_fmt(rtt['p99']):>9}{_fmt(rtt['max']):>9}"
             f"{_fmt(late['p50']):>9}{_fmt(late['p99']):>8}"
-            f"{_fmt(r['daemon_cpu_us_per_chunk'], 0):>13}  {errs}"
+            f"{_fmt(r['daemon_cpu_us_per_chunk'], 0):>13}"
+            f"{_fmt(r.get('generator_cpu_us_per_chunk'), 0):>6}  {errs}"
         )
         if verdicts:
             line += "  " + ("held" if r["held"] else f"FAILED: {r['why']}")
@@ -275,7 +297,17 @@ def _daemon_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--per-connection", type=int, default=10, help="streams per connection (10)")
     p.add_argument(
-        "--procs", type=int, default=None, help="generator processes (default: 1 per 250 streams)"
+        "--generator",
+        choices=("fleet", "asyncio"),
+        default="fleet",
+        help="load generator: fleet (a write per connection per period, as a gateway) or "
+        "asyncio (a task per stream, as independent clients) (fleet)",
+    )
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=None,
+        help="generator processes (default: fleet 1; asyncio 1 per 250 streams)",
     )
     p.add_argument("--lanes", type=int, default=None, help="daemon lanes (default: auto)")
     p.add_argument("--drain-timeout", type=float, default=10.0, help="final wait, s (10)")
@@ -344,6 +376,7 @@ def latency_main(argv: list[str] | None = None) -> int:
                             per_connection=args.per_connection,
                             procs=args.procs,
                             drain_timeout=args.drain_timeout,
+                            generator=args.generator,
                         )
                     )
                     time.sleep(0.5 if args.smoke else 2.0)  # let the daemon settle
@@ -379,6 +412,7 @@ def latency_main(argv: list[str] | None = None) -> int:
             "streams": args.streams,
             "duration_s": args.duration,
             "per_connection": args.per_connection,
+            "generator": args.generator,
             "procs": args.procs,
             "lanes": args.lanes,
             "floor_count": args.floor_count,
@@ -491,6 +525,7 @@ def capacity_of(
             per_connection=args.per_connection,
             procs=args.procs,
             drain_timeout=args.drain_timeout,
+            generator=args.generator,
         )
         row["held"], row["why"] = _held(row, target)
         steps.append(row)
@@ -598,6 +633,7 @@ def capacity_main(argv: list[str] | None = None) -> int:
             "target_p99_ms": args.target_p99_ms,
             "duration_s": args.duration,
             "per_connection": args.per_connection,
+            "generator": args.generator,
             "procs": args.procs,
             "lanes": args.lanes,
             "steppers": {b: vars(s) for b, s in steppers.items() if b in backends},
