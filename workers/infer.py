@@ -4,10 +4,12 @@ Threading model: one thread, one loop. It sleeps in ``poll()`` on the audio ring
 descriptor (and, while the result ring is full, on the result ring's space wake-up), with a
 timeout of ``heartbeat_interval_s`` so that it beats even when idle.
 
-Liveness: the heartbeat (one monotonic timestamp) is written after every record and every
-poll, so a beat older than ``heartbeat_timeout_s`` means one recognizer call has been stuck that
-long (the supervisor then kills and replaces the worker); the counters are published once per
-batch. A record of 100 ms of audio costs about 15 ms of pocketsphinx.
+Liveness: the heartbeat (one monotonic timestamp) is written after every recognizer call (each
+batch's feed, each utterance's begin and end) and every poll, so a beat older than
+``heartbeat_timeout_s`` means one recognizer call has been stuck that long (the supervisor then
+kills and replaces the worker); the counters are published at most every
+``PUBLISH_INTERVAL_S`` and before every sleep. A record of 100 ms of audio costs about 15 ms of
+pocketsphinx.
 
 Limits: records are handled in batches of at most ``BATCH`` so partials and heartbeats are not
 starved by a deep ring; utterances beyond the backend's decoder bound wait (their audio is
@@ -37,6 +39,7 @@ from workers.faults import FaultInjector
 from workers.spec import WorkerSpec, load_spec
 
 BATCH = 64
+PUBLISH_INTERVAL_S = 0.05  # counters for status and metrics: fresher than anyone reads them
 
 log = logging.getLogger("asrd.infer")
 
@@ -68,6 +71,7 @@ class InferWorker(LaneWorker):
         self.feeds: dict[int, list[bytes]] = {}
         self.stopping = False
         self.reload_requested = False
+        self.published_at = 0.0
         self.counters = dict.fromkeys(INFER_COUNTERS, 0)
         self.faults = FaultInjector(cfg.faults, "infer", spec.lane, spec.generation)
         if backend is None:
@@ -118,11 +122,15 @@ class InferWorker(LaneWorker):
                     self.audio_space.signal()
                 for r in records:
                     self.handle(r)
-                    self.beat()
+                    if r.kind != rec.AUDIO:  # audio is only gathered here, for flush_feeds
+                        self.beat()
                 self.flush_feeds()
                 self.emit_partials()
                 self.flush_signal()
-                self.publish()
+                if time.monotonic() - self.published_at >= PUBLISH_INTERVAL_S:
+                    self.publish()
+                else:
+                    self.beat()
             now = time.monotonic()
             if now - last_parent_check > 0.5:
                 last_parent_check = now
@@ -154,8 +162,9 @@ class InferWorker(LaneWorker):
         self.slot.beat(time.monotonic())
 
     def publish(self) -> None:
-        """The heartbeat and every counter (once per batch or poll)."""
-        self.slot.beat(time.monotonic())
+        """The heartbeat and every counter."""
+        self.published_at = now = time.monotonic()
+        self.slot.beat(now)
         c = self.counters
         c["active_utterances"] = self.backend.active()
         c["waiting_utterances"] = len(self.waiting)
