@@ -571,6 +571,9 @@ class Ingress(LaneWorker):
 
     def route(self, stream: Stream, events: list[Any], seq: int) -> None:
         """VAD events -> ring records and Speech messages."""
+        if len(events) == 1 and type(events[0]) is SpeechAudio:  # most chunks
+            self.push_audio(stream.key, seq, events[0].pcm)
+            return
         conn = stream.conn
         for ev in events:
             t = type(ev)

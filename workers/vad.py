@@ -146,6 +146,8 @@ class StreamVad:
         self._out_first = 0
         self._bytes = 0  # enabled=False: audio sent in the open utterance
         self._bytes_seen = 0  # enabled=False: all audio given so far
+        # enabled=False: utterances are cut at exactly max_utterance_s (whole samples).
+        self._limit_bytes = max(1, int(config.max_utterance_s * sample_rate)) * 2
 
     @property
     def counters(self) -> VadCounters:
@@ -329,9 +331,15 @@ class StreamVad:
     # --- enabled=False: all audio is speech, cut only by max_utterance_s --------------------
 
     def _process_disabled(self, pcm: bytes) -> list[VadEvent]:
+        n = len(pcm)
+        if self._state == _SPEECH and self._bytes + n < self._limit_bytes:
+            # The common case, one event: the chunk goes on the open utterance.
+            at = self._bytes_seen // 2 * 1000 // self.sample_rate
+            self._bytes += n
+            self._bytes_seen += n
+            return [SpeechAudio(self._utt, pcm, at)]
         events: list[VadEvent] = []
-        # No frames here: cut at exactly max_utterance_s (whole samples).
-        limit = max(1, int(self.config.max_utterance_s * self.sample_rate)) * 2
+        limit = self._limit_bytes
         pos = 0
         while pos < len(pcm):
             if self._state == _IDLE:
