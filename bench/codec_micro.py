@@ -24,7 +24,10 @@ the infer worker do to every 100 ms chunk (3200 bytes of 16 kHz s16le audio), wi
   call on a 30 ms frame (960 bytes at 16 kHz) of speech from ``samples/`` and of silence: the
   VAD runs this per frame, about 3.3 calls per chunk;
 - ``resample_8k_100ms``: python-soxr resampling 100 ms of 8 kHz audio to 16 kHz on a stream
-  (what the ingress worker does for 8 kHz clients).
+  (what the ingress worker does for 8 kHz clients);
+- ``decoder_new`` / ``decoder_reuse``: a pocketsphinx decoder for an utterance, created with
+  the embedded backend's settings (model loaded) or taken from its pool and reset in place
+  (``reinit_feat``, ``start_utt``, ``end_utt``): what the decoder pool saves per utterance.
 
 Each figure is the best per-operation time over repeated batches for ``--seconds`` (minimum
 of means, so scheduling noise is mostly left out). The CPU reference from ``bench.floor``
@@ -196,6 +199,23 @@ def run_codec(seconds: float) -> dict[str, float]:
         for _ in range(n):
             chunk(pcm8k)
 
+    from daemon.config import EmbeddedConfig
+    from workers.backends.embedded import _new_decoder, decoder_options
+
+    options = decoder_options(EmbeddedConfig())
+    pooled = _new_decoder(options)
+
+    def decoder_new(n: int) -> None:
+        for _ in range(n):
+            _new_decoder(options)
+
+    def decoder_reuse(n: int) -> None:
+        d = pooled
+        for _ in range(n):
+            d.reinit_feat()
+            d.start_utt()
+            d.end_utt()
+
     assert vad.is_speech(speech, 16000), "the speech frame should be voiced"
     cases: dict[str, tuple[Callable[[int], None], int]] = {
         "audio_encode_ns": (encode, 2000),
@@ -211,6 +231,8 @@ def run_codec(seconds: float) -> dict[str, float]:
         "webrtcvad_30ms_speech_ns": (partial(vad_call, speech), 500),
         "webrtcvad_30ms_silence_ns": (partial(vad_call, silence), 500),
         "resample_8k_100ms_ns": (resample, 200),
+        "decoder_new_ns": (decoder_new, 1),
+        "decoder_reuse_ns": (decoder_reuse, 20),
     }
     return {name: round(_best_ns(fn, n, seconds), 1) for name, (fn, n) in cases.items()}
 

@@ -695,6 +695,66 @@ def run_sweep(
     return rows
 
 
+def run_connect_sweep(
+    transports: list[Transport],
+    url_of: Callable[[Transport], str],
+    model: str,
+    samples: int,
+    requests: int,
+    timeout_s: float,
+    region_prefix: str,
+) -> list[dict[str, Any]]:
+    """Sticky against fresh: per transport, ``requests`` whole one-request sequences (start and
+    end in one request) on one client kept open, with its region registered once (what each
+    daemon lane does), and the same with a new client per request: connect, region created
+    and registered, the request, region unregistered and unlinked, client closed. Alternating
+    per request, so the machine's drift touches both alike."""
+    rng = np.random.default_rng(samples)
+    chunk = rng.integers(-8000, 8000, size=samples, dtype=np.int16)
+    rows = []
+    for t in transports:
+        times: dict[str, list[float]] = {"sticky": [], "fresh": []}
+        errors: Counter[str] = Counter()
+        kw = {
+            "slots": 1,
+            "input_bytes": chunk.nbytes,
+            "timeout_s": timeout_s,
+            "region_prefix": region_prefix,
+        }
+        sticky = DirectClient(t, url_of(t), model, **kw)  # type: ignore[arg-type]
+        try:
+            for i in range(requests + 2):  # the first of each is a warm-up
+                for kind in ("sticky", "fresh"):
+                    t0 = time.perf_counter()
+                    client = sticky if kind == "sticky" else None
+                    try:
+                        if client is None:
+                            client = DirectClient(t, url_of(t), model, **kw)  # type: ignore[arg-type]
+                        (ans,) = client.infer_many([Job(next(_corrids), chunk, True, True)])
+                    finally:
+                        if kind == "fresh" and client is not None:
+                            client.close()
+                    elapsed = time.perf_counter() - t0
+                    if ans.error is not None:
+                        errors[ans.error] += 1
+                    elif i >= 2:
+                        times[kind].append(elapsed)
+        finally:
+            sticky.close()
+        for kind, values in times.items():
+            rows.append(
+                {
+                    "transport": t.name,
+                    "connection": kind,
+                    "samples": samples,
+                    "requests": len(values),
+                    "call_ms": load.summarize(values, 1000),
+                    "errors": dict(errors),
+                }
+            )
+    return rows
+
+
 # --- through the daemon -----------------------------------------------------------------------
 
 
@@ -1086,6 +1146,28 @@ def format_report(report: dict[str, Any]) -> str:
                 for r in report["sweep"]
             ],
         )
+    if report.get("connect"):
+        lines += [
+            "",
+            "Sticky against fresh connections: one whole sequence per request; sticky = one "
+            "client and region kept, fresh = connect, register, request, unregister, close. ms.",
+        ]
+        lines += _table(
+            "transport|connection|samples|requests|p50|p90|p99|errors",
+            [
+                [
+                    r["transport"],
+                    r["connection"],
+                    str(r["samples"]),
+                    str(r["requests"]),
+                    _f(r["call_ms"]["p50"], 3),
+                    _f(r["call_ms"]["p90"], 3),
+                    _f(r["call_ms"]["p99"], 3),
+                    _errs(r["errors"]),
+                ]
+                for r in report["connect"]
+            ],
+        )
     ratios = report["ratios"]
     pairs = [
         ("size sweep, per request", "samples", ratios["sweep_shm_over_none"]),
@@ -1293,6 +1375,17 @@ def run(args: argparse.Namespace, server: ServerInfo, workdir: Path) -> dict[str
                 args.timeout,
                 args.shm_prefix,
             )
+    if args.connect_requests > 0:
+        progress(f"sticky against fresh connections: {', '.join(t.name for t in transports)}")
+        report["connect"] = run_connect_sweep(
+            transports,
+            url_of,
+            args.model,
+            args.sizes[0],
+            args.connect_requests,
+            args.timeout,
+            args.shm_prefix,
+        )
     report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     report["ratios"] = compute_ratios(report)
     return report
@@ -1373,6 +1466,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--sweep-warmup", type=int, default=20, metavar="N", help="untimed first requests (20)"
     )
+    g.add_argument(
+        "--connect-requests",
+        type=int,
+        default=100,
+        metavar="N",
+        help="requests on a sticky client and on a fresh client each (first size); 0 = skip (100)",
+    )
     g.add_argument("--no-floor", action="store_true", help="skip the direct-call floor")
     g.add_argument("--no-daemon", action="store_true", help="skip the runs through the daemon")
     g.add_argument("--no-sweep", action="store_true", help="skip the tensor-size sweep")
@@ -1443,6 +1543,7 @@ def apply_smoke(args: argparse.Namespace) -> None:
     args.sizes = [1600]
     args.sweep_requests = 20
     args.sweep_warmup = 5
+    args.connect_requests = min(args.connect_requests, 5)
     args.drain_timeout = 5.0
 
 
