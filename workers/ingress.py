@@ -4,7 +4,8 @@ Threading model: one asyncio event loop. Client sockets are ``BufferedProtocol``
 accepted on the listening socket shared by every lane's ingress worker (the kernel gives each
 connection to one of them). Speech goes to the lane's audio ring; results come back through the
 result ring, whose eventfd is registered with the loop. Socket writes are batched: messages are
-encoded into each connection's reused buffer and written once per loop iteration.
+encoded as they are produced and written once per loop iteration, except the results drained
+from the result ring, which are written at the end of that drain (one callback covers them all).
 
 Liveness: a task beats the heartbeat every ``heartbeat_interval_s``; a beat older than
 ``heartbeat_timeout_s`` means the loop is blocked, and the supervisor replaces the worker.
@@ -212,6 +213,7 @@ class Ingress(LaneWorker):
         self.signal_audio = False
         self.dirty: set[Connection] = set()
         self.flush_scheduled = False
+        self.draining_results = False  # on_results writes what it produced itself
         self.draining = False
         self.stopped: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -378,7 +380,7 @@ class Ingress(LaneWorker):
 
     def mark_dirty(self, conn: Connection) -> None:
         self.dirty.add(conn)
-        if not self.flush_scheduled and self.loop is not None:
+        if not self.flush_scheduled and not self.draining_results and self.loop is not None:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
 
@@ -728,6 +730,20 @@ class Ingress(LaneWorker):
         results = self.results
         results.end_sleep()
         self.result_data.drain()
+        self.draining_results = True
+        try:
+            self.drain_results()
+        finally:
+            self.draining_results = False
+        # The results' writes now, in this pass: they were all drained in this one callback, so
+        # waiting a loop iteration batches nothing more (the ring wake-up after client reads
+        # does wait, to cover every connection read in the iteration).
+        dirty, self.dirty = self.dirty, set()
+        for conn in dirty:
+            conn.flush()
+
+    def drain_results(self) -> None:
+        results = self.results
         while True:
             batch = results.pop_many(256)
             if not batch:
