@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.smoke:
-        args.streams, args.seconds, args.warmup = 10, 1.0, 0.5
+        # Enough load that every worker shows up in 2 s of samples (the daemon spends about
+        # 0.1 ms of CPU per chunk: 10 streams would leave a worker with one sample or none).
+        args.streams, args.seconds, args.warmup, args.rate = 200, 2.0, 0.5, 250
     if py_spy() is None:
         print("bench profile: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
