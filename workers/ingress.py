@@ -387,13 +387,16 @@ class Ingress(LaneWorker):
     def flush(self) -> None:
         """Once per loop iteration: one socket write per connection, one ring wake-up."""
         self.flush_scheduled = False
-        dirty, self.dirty = self.dirty, set()
-        for conn in dirty:
-            conn.flush()
+        self.write_dirty()
         if self.signal_audio:
             self.signal_audio = False
             if self.audio.consumer_sleeping():
                 self.audio_data.signal()
+
+    def write_dirty(self) -> None:
+        dirty, self.dirty = self.dirty, set()
+        for conn in dirty:
+            conn.flush()
 
     def stream_error(self, conn: Connection, stream: str | None, code: str, message: str) -> None:
         self.counters["errors_sent"] += 1
@@ -738,9 +741,7 @@ class Ingress(LaneWorker):
         # The results' writes now, in this pass: they were all drained in this one callback, so
         # waiting a loop iteration batches nothing more (the ring wake-up after client reads
         # does wait, to cover every connection read in the iteration).
-        dirty, self.dirty = self.dirty, set()
-        for conn in dirty:
-            conn.flush()
+        self.write_dirty()
 
     def drain_results(self) -> None:
         results = self.results
