@@ -40,7 +40,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.load import REPO, CpuMeter, _role, summarize
+from bench.load import CpuMeter, _role, summarize, wavs_at
 from daemon.asrctl import load_wav
 from ipc import protocol as p
 from ipc.client import STREAM_ENDING_CODES
@@ -315,14 +315,7 @@ def _child(cfg: FleetConfig, ready: Any, start: Any, out: Any) -> None:
 
 
 def default_wavs() -> list[str]:
-    import wave
-
-    found = []
-    for path in sorted((REPO / "samples").glob("*.wav")):
-        with wave.open(str(path), "rb") as w:
-            if w.getframerate() == 16000:
-                found.append(str(path))
-    return found
+    return wavs_at(16000)
 
 
 def run_fleet(

@@ -520,6 +520,16 @@ def default_wavs() -> list[str]:
     return []
 
 
+def wavs_at(rate: int) -> list[str]:
+    """The files among :func:`default_wavs` at ``rate`` Hz (for runs that must not resample)."""
+    out = []
+    for path in default_wavs():
+        with contextlib.suppress(Exception):
+            if load_wav(path).sample_rate == rate:
+                out.append(path)
+    return out
+
+
 def plan_streams(
     streams: int, connections: int, wavs: int, chunk_ms: int, ramp_s: float | None
 ) -> list[StreamPlan]:

@@ -1249,12 +1249,7 @@ def failures(report: dict[str, Any]) -> list[str]:
 
 def default_wavs() -> list[str]:
     """The 16 kHz files among bench.load's defaults: the floor does no resampling."""
-    out = []
-    for path in load.default_wavs():
-        with contextlib.suppress(Exception):
-            if load_wav(path).sample_rate == RATE:
-                out.append(path)
-    return out
+    return load.wavs_at(RATE)
 
 
 def load_audio(wavs: list[str]) -> list[list[np.ndarray]]:
