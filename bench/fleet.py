@@ -36,11 +36,11 @@ import selectors
 import socket
 import sys
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
-from bench.load import CpuMeter, _role, summarize, wavs_at
+from bench.load import CpuMeter, GenResult, _role, summarize, wavs_at
 from daemon.asrctl import load_wav
 from ipc import protocol as p
 from ipc.client import STREAM_ENDING_CODES
@@ -58,39 +58,6 @@ class FleetConfig:
     duration_s: float
     drain_timeout_s: float
     wavs: list[str]
-
-
-@dataclass
-class FleetResult:
-    rtt: list[float] = field(default_factory=list)
-    lateness: list[float] = field(default_factory=list)
-    final_after_finish: list[float] = field(default_factory=list)
-    chunks_sent: int = 0
-    partials_matched: int = 0
-    finals: int = 0
-    streams_started: int = 0
-    streams_closed: int = 0
-    streams_unclosed: int = 0
-    connect_failures: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-    cpu_s: float = 0.0
-
-    def merge(self, o: FleetResult) -> None:
-        self.rtt += o.rtt
-        self.lateness += o.lateness
-        self.final_after_finish += o.final_after_finish
-        for name in (
-            "chunks_sent",
-            "partials_matched",
-            "finals",
-            "streams_started",
-            "streams_closed",
-            "streams_unclosed",
-            "connect_failures",
-        ):
-            setattr(self, name, getattr(self, name) + getattr(o, name))
-        self.errors.update(o.errors)
-        self.cpu_s += o.cpu_s
 
 
 class _Stream:
@@ -147,7 +114,7 @@ def _chunks_of(path: str) -> list[bytes]:
     return [pcm[i : i + step] for i in range(0, len(pcm) - step + 1, step)]
 
 
-def _handshake(conn: _Conn, res: FleetResult, deadline: float) -> None:
+def _handshake(conn: _Conn, res: GenResult, deadline: float) -> None:
     """Hello, then Start of every stream (VAD off); wait for Welcome and every Started."""
     w = conn.writer
     w.append(p.Hello(protocol=p.PROTOCOL_VERSION))
@@ -175,7 +142,7 @@ def _handshake(conn: _Conn, res: FleetResult, deadline: float) -> None:
     conn.sock.setblocking(False)
 
 
-def _on_message(conn: _Conn, msg: Any, t: float, res: FleetResult) -> None:
+def _on_message(conn: _Conn, msg: Any, t: float, res: GenResult) -> None:
     tp = type(msg)
     if tp is p.Partial:
         st = conn.streams.get(msg.stream)
@@ -205,7 +172,7 @@ def _on_message(conn: _Conn, msg: Any, t: float, res: FleetResult) -> None:
                 st.closed = True
 
 
-def _read(conn: _Conn, res: FleetResult) -> None:
+def _read(conn: _Conn, res: GenResult) -> None:
     while True:
         view = conn.reader.get_buffer()
         try:
@@ -226,9 +193,9 @@ def _read(conn: _Conn, res: FleetResult) -> None:
             _on_message(conn, msg, t, res)
 
 
-def run_part(cfg: FleetConfig, gate: Any = None) -> FleetResult:
+def run_part(cfg: FleetConfig, gate: Any = None) -> GenResult:
     """This process's connections: connect and start, wait for the common start, run, drain."""
-    res = FleetResult()
+    res = GenResult()
     audio = [_chunks_of(w) for w in cfg.wavs]
     by_conn: dict[int, list[int]] = {}
     for i in cfg.streams:
@@ -363,7 +330,7 @@ def run_fleet(
     t0 = time.monotonic() + 0.1
     for q in starts:
         q.put(t0)
-    res = FleetResult()
+    res = GenResult()
     for _ in children:
         res.merge(_get(out, children, duration + drain_timeout + 120))
     cpu = meter.stop()
