@@ -144,39 +144,19 @@ class _Binding(Protocol):
     def exit(self) -> None: ...
 
 
-class _ZigBinding:
-    """liburing 2026.x (Zig): ``Ring``, ``Cqe``; a negative ``cqe.res`` raises OSError."""
+class _BindingBase:
+    """What both liburing bindings spell the same way; each subclass sets ``lu``, ``ring``,
+    ``cqe`` and the calls that differ."""
 
-    def __init__(self, lu: Any, entries: int) -> None:
-        self.lu = lu
-        self.name = f"liburing {getattr(lu, '__version__', '?')} (zig)"
-        self.ring = lu.Ring()
-        lu.io_uring_queue_init(entries, self.ring)
-        self.cqe = lu.Cqe()
-        self.ring_fd = int(self.ring.ring_fd)
-        self.multishot_accept = True
-        self._timespecs: dict[float, Any] = {}
-
-    def get_sqe(self) -> Any:
-        return self.lu.io_uring_get_sqe(self.ring)
+    lu: Any
+    ring: Any
+    _timespecs: dict[float, Any]
 
     def set_user_data(self, sqe: Any, user_data: int) -> None:
         sqe.user_data = user_data
 
     def prep_nop(self, sqe: Any) -> None:
         self.lu.io_uring_prep_nop(sqe)
-
-    def prep_accept(self, sqe: Any, fd: int, multishot: bool) -> None:
-        if multishot:
-            self.lu.io_uring_prep_multishot_accept(sqe, fd, None, socket.SOCK_CLOEXEC)
-        else:
-            self.lu.io_uring_prep_accept(sqe, fd, None, socket.SOCK_CLOEXEC)
-
-    def prep_recv(self, sqe: Any, fd: int, buf: bytearray) -> None:
-        self.lu.io_uring_prep_recv(sqe, fd, buf, 0)
-
-    def prep_send(self, sqe: Any, fd: int, data: bytes) -> None:
-        self.lu.io_uring_prep_send(sqe, fd, data, socket.MSG_NOSIGNAL)
 
     def prep_close(self, sqe: Any, fd: int) -> None:
         self.lu.io_uring_prep_close(sqe, fd)
@@ -189,6 +169,50 @@ class _ZigBinding:
 
     def cq_ready(self) -> int:
         return int(self.lu.io_uring_cq_ready(self.ring))
+
+    def sq_ready(self) -> int:
+        return int(self.lu.io_uring_sq_ready(self.ring))
+
+    def register_eventfd(self, fd: int) -> None:
+        self.lu.io_uring_register_eventfd(self.ring, fd)
+
+    def exit(self) -> None:
+        self.lu.io_uring_queue_exit(self.ring)
+
+    def _timespec(self, timeout: float) -> Any:
+        ts = self._timespecs.get(timeout)
+        if ts is None:
+            ts = self._timespecs[timeout] = self.lu.timespec(timeout)
+        return ts
+
+
+class _ZigBinding(_BindingBase):
+    """liburing 2026.x (Zig): ``Ring``, ``Cqe``; a negative ``cqe.res`` raises OSError."""
+
+    def __init__(self, lu: Any, entries: int) -> None:
+        self.lu = lu
+        self.name = f"liburing {getattr(lu, '__version__', '?')} (zig)"
+        self.ring = lu.Ring()
+        lu.io_uring_queue_init(entries, self.ring)
+        self.cqe = lu.Cqe()
+        self.ring_fd = int(self.ring.ring_fd)
+        self.multishot_accept = True
+        self._timespecs = {}
+
+    def get_sqe(self) -> Any:
+        return self.lu.io_uring_get_sqe(self.ring)
+
+    def prep_accept(self, sqe: Any, fd: int, multishot: bool) -> None:
+        if multishot:
+            self.lu.io_uring_prep_multishot_accept(sqe, fd, None, socket.SOCK_CLOEXEC)
+        else:
+            self.lu.io_uring_prep_accept(sqe, fd, None, socket.SOCK_CLOEXEC)
+
+    def prep_recv(self, sqe: Any, fd: int, buf: bytearray) -> None:
+        self.lu.io_uring_prep_recv(sqe, fd, buf, 0)
+
+    def prep_send(self, sqe: Any, fd: int, data: bytes) -> None:
+        self.lu.io_uring_prep_send(sqe, fd, data, socket.MSG_NOSIGNAL)
 
     def harvest(self, out: list[tuple[int, int, int]]) -> None:
         lu, cqe = self.lu, self.cqe
@@ -206,26 +230,16 @@ class _ZigBinding:
             lu.io_uring_cq_advance(self.ring, n)
 
     def submit_and_wait(self, timeout: float) -> None:
-        ts = self._timespecs.get(timeout)
-        if ts is None:
-            ts = self._timespecs[timeout] = self.lu.timespec(timeout)
         try:
-            self.lu.io_uring_submit_and_wait_timeout(self.ring, self.cqe, 1, ts)
+            self.lu.io_uring_submit_and_wait_timeout(
+                self.ring, self.cqe, 1, self._timespec(timeout)
+            )
         except OSError as exc:
             if exc.errno not in (errno.ETIME, errno.EINTR, errno.EAGAIN):
                 raise
 
-    def sq_ready(self) -> int:
-        return int(self.lu.io_uring_sq_ready(self.ring))
 
-    def register_eventfd(self, fd: int) -> None:
-        self.lu.io_uring_register_eventfd(self.ring, fd)
-
-    def exit(self) -> None:
-        self.lu.io_uring_queue_exit(self.ring)
-
-
-class _CythonBinding:
+class _CythonBinding(_BindingBase):
     """liburing 2024.5.3 (Cython): ``io_uring``, ``io_uring_cqe``; results are plain ints."""
 
     def __init__(self, lu: Any, entries: int) -> None:
@@ -238,18 +252,12 @@ class _CythonBinding:
         # Its io_uring_prep_multishot_accept dereferences the address argument even when it is
         # None, so accepts are single-shot and re-armed here.
         self.multishot_accept = False
-        self._timespecs: dict[float, Any] = {}
+        self._timespecs = {}
         self._nosig = lu.sigset()
 
     def get_sqe(self) -> Any:
         sqe = self.lu.io_uring_get_sqe(self.ring)
         return sqe if sqe else None
-
-    def set_user_data(self, sqe: Any, user_data: int) -> None:
-        sqe.user_data = user_data
-
-    def prep_nop(self, sqe: Any) -> None:
-        self.lu.io_uring_prep_nop(sqe)
 
     def prep_accept(self, sqe: Any, fd: int, multishot: bool) -> None:
         self.lu.io_uring_prep_accept(sqe, fd, None, socket.SOCK_CLOEXEC)
@@ -260,18 +268,6 @@ class _CythonBinding:
     def prep_send(self, sqe: Any, fd: int, data: bytes) -> None:
         self.lu.io_uring_prep_send(sqe, fd, data, len(data), socket.MSG_NOSIGNAL)
 
-    def prep_close(self, sqe: Any, fd: int) -> None:
-        self.lu.io_uring_prep_close(sqe, fd)
-
-    def prep_cancel(self, sqe: Any, user_data: int) -> None:
-        self.lu.io_uring_prep_cancel64(sqe, user_data, 0)
-
-    def submit(self) -> int:
-        return int(self.lu.io_uring_submit(self.ring))
-
-    def cq_ready(self) -> int:
-        return int(self.lu.io_uring_cq_ready(self.ring))
-
     def harvest(self, out: list[tuple[int, int, int]]) -> None:
         lu, ring, cqe = self.lu, self.ring, self.cqe
         for _ in range(lu.io_uring_cq_ready(ring)):
@@ -281,24 +277,14 @@ class _CythonBinding:
             lu.io_uring_cqe_seen(ring, cqe)
 
     def submit_and_wait(self, timeout: float) -> None:
-        ts = self._timespecs.get(timeout)
-        if ts is None:
-            ts = self._timespecs[timeout] = self.lu.timespec(timeout)
         try:
             # An explicit (empty) sigset: this binding dereferences the argument even if None.
-            self.lu.io_uring_submit_and_wait_timeout(self.ring, self.cqe, 1, ts, self._nosig)
+            self.lu.io_uring_submit_and_wait_timeout(
+                self.ring, self.cqe, 1, self._timespec(timeout), self._nosig
+            )
         except OSError as exc:
             if exc.errno not in (errno.ETIME, errno.EINTR, errno.EAGAIN):
                 raise
-
-    def sq_ready(self) -> int:
-        return int(self.lu.io_uring_sq_ready(self.ring))
-
-    def register_eventfd(self, fd: int) -> None:
-        self.lu.io_uring_register_eventfd(self.ring, fd)
-
-    def exit(self) -> None:
-        self.lu.io_uring_queue_exit(self.ring)
 
 
 def _binding_class(lu: Any) -> Callable[[Any, int], _Binding]:
