@@ -36,7 +36,6 @@ table and writes ``bench/results/floor-<timestamp>.json`` with the machine's fac
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import os
 import select
@@ -46,7 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,7 @@ import msgspec
 
 from bench import echo
 from bench.load import REPO, RESULTS_DIR, machine_facts, summarize, write_report
+from daemon.placement import running_on
 from ipc import records as rec
 from ipc.framing import PREFIX, FrameReader, FrameWriter
 from ipc.protocol import Audio
@@ -222,20 +222,6 @@ def serve_ingress(path: str, audio_name: str, result_name: str, fds: list[int]) 
 # --- the client -------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _affinity(cpus: set[int] | None) -> Iterator[None]:
-    """Run the block (and every process started in it) on ``cpus``; None: leave it alone."""
-    if cpus is None:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-
-
 def _spawn(args: list[str], fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.floor", *args],
@@ -279,7 +265,7 @@ def measure_pipeline(
     procs: list[subprocess.Popen[bytes]] = []
     samples: list[float] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="asrd-floor-") as tmp, _affinity(cpus):
+        with tempfile.TemporaryDirectory(prefix="asrd-floor-") as tmp, running_on(cpus):
             path = os.path.join(tmp, "ingress.sock")
             rings = ["--audio", audio.name, "--results", results.name, "--fds", fd_arg]
             procs.append(_spawn(["--serve", "worker", *rings], fds))
@@ -340,7 +326,7 @@ def measure_pipeline(
 
 def measure_echo(count: int, cpus: set[int] | None = None) -> dict[str, Any]:
     """``bench.echo`` (raw Unix-socket echo, 3200 bytes), its two processes on ``cpus``."""
-    with _affinity(cpus):
+    with running_on(cpus):
         return echo.measure(count, CHUNK_BYTES, warmup=min(200, max(10, count // 10)))
 
 

@@ -30,6 +30,9 @@ narrower than the machine is honoured; isolated CPUs are not used unless they ar
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Collection, Iterator
 from typing import Literal
 
 import msgspec
@@ -266,3 +269,18 @@ def _assign(
             + " share a core"
         )
     return plans
+
+
+@contextlib.contextmanager
+def running_on(cpus: Collection[int] | None) -> Iterator[None]:
+    """Run the block (and every process started in it) on ``cpus``, then restore the affinity
+    this process had; None or empty: leave it alone."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)

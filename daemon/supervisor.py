@@ -38,6 +38,7 @@ from daemon import __version__
 from daemon.config import Config, live_config_path, load_config, reload_plan
 from daemon.errors import BootError, ConfigError, LanesFailedError, SocketInUseError
 from daemon.placement import plan as plan_placement
+from daemon.placement import running_on
 from daemon.platform import format_cpulist, probe
 from daemon.systemd import Notifier, listen_fds, watchdog_interval
 from ipc import control as ctl
@@ -223,15 +224,8 @@ class Supervisor:
         the node of the CPU that asks, so the lane's rings land where its workers run."""
         node = self.plan.lanes[n].node if self.plan.numa else None
         cpus = [c for nd in self.platform.numa_nodes if nd.id == node for c in nd.cpus]
-        if not cpus:
+        with running_on(cpus):
             yield
-            return
-        before = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, cpus)
-        try:
-            yield
-        finally:
-            os.sched_setaffinity(0, before)
 
     def _make_lane(self, n: int) -> Lane:
         cfg = self.config
