@@ -21,20 +21,12 @@ from typing import Any
 
 import msgspec
 
+from bench.echo import recv_exactly
 from bench.load import summarize
 from ipc import protocol as p
 from ipc.framing import PREFIX, FrameWriter
 
 CHUNK_BYTES = 3200
-
-
-def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise RuntimeError("closed loop: the daemon closed the connection")
-        got += n
 
 
 class _Conn:
@@ -53,12 +45,14 @@ class _Conn:
         self.sock.sendall(self.writer.encode(msg))
 
     def recv(self) -> p.ServerMessage:
-        _recv_exactly(self.sock, self.head)
+        if not recv_exactly(self.sock, self.head):
+            raise RuntimeError("closed loop: the daemon closed the connection")
         n = int.from_bytes(self.head, "big")
         if n > len(self.body):
             self.body = bytearray(n)
         view = memoryview(self.body)[:n]
-        _recv_exactly(self.sock, view)
+        if not recv_exactly(self.sock, view):
+            raise RuntimeError("closed loop: the daemon closed the connection")
         try:
             return self.decoder.decode(view)
         finally:

@@ -44,7 +44,6 @@ import argparse
 import datetime as dt
 import os
 import sys
-import time
 import wave
 from collections.abc import Callable
 from functools import partial
@@ -58,24 +57,13 @@ import webrtcvad
 
 from bench.floor import cpu_reference, metric
 from bench.load import REPO, RESULTS_DIR, machine_facts, write_report
+from bench.ring_micro import best_ns
 from ipc.framing import FrameReader, FrameWriter
 from ipc.protocol import Audio, ClientMessage, Partial
 
 CHUNK_BYTES = 3200
 VAD_FRAME_BYTES = 960  # 30 ms at 16 kHz, s16le
 FLOOR_KEY = "python_call_us"
-
-
-def _best_ns(fn: Callable[[int], None], n: int, seconds: float) -> float:
-    """Best per-operation time over repeated runs of ``fn(n)`` for about ``seconds``."""
-    best = float("inf")
-    end = time.perf_counter() + seconds
-    while True:
-        t0 = time.perf_counter_ns()
-        fn(n)
-        best = min(best, (time.perf_counter_ns() - t0) / n)
-        if time.perf_counter() >= end:
-            return best
 
 
 def _speech_frame() -> bytes:
@@ -234,7 +222,7 @@ def run_codec(seconds: float) -> dict[str, float]:
         "decoder_new_ns": (decoder_new, 1),
         "decoder_reuse_ns": (decoder_reuse, 20),
     }
-    return {name: round(_best_ns(fn, n, seconds), 1) for name, (fn, n) in cases.items()}
+    return {name: round(best_ns(fn, n, seconds), 1) for name, (fn, n) in cases.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,8 @@ MSG_BYTES = 3200
 READY = b"ready\n"
 
 
-def _recv_exactly(sock: socket.socket, view: memoryview) -> bool:
+def recv_exactly(sock: socket.socket, view: memoryview) -> bool:
+    """Fill ``view`` from ``sock``; False if the peer closed first."""
     got = 0
     while got < len(view):
         n = sock.recv_into(view[got:])
@@ -48,12 +49,12 @@ def serve(path: str) -> None:
     head = bytearray(4)
     body = bytearray(1 << 20)
     with conn:
-        while _recv_exactly(conn, memoryview(head)):
+        while recv_exactly(conn, memoryview(head)):
             n = int.from_bytes(head, "big")
             if n > len(body):
                 body = bytearray(n)
             view = memoryview(body)[:n]
-            if not _recv_exactly(conn, view):
+            if not recv_exactly(conn, view):
                 return
             conn.sendall(head + view)
 
@@ -88,7 +89,7 @@ def measure(count: int = 5000, msg_bytes: int = MSG_BYTES, warmup: int = 200) ->
                 for i in range(warmup + count):
                     t0 = time.perf_counter_ns()
                     sock.sendall(frame)
-                    if not _recv_exactly(sock, back):
+                    if not recv_exactly(sock, back):
                         raise RuntimeError("echo server went away")
                     dt = time.perf_counter_ns() - t0
                     if i >= warmup:

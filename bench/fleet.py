@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing
-import os
 import selectors
 import socket
 import sys
@@ -40,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from bench.load import CpuMeter, GenResult, _role, summarize, wavs_at
+from bench.load import CpuMeter, GenResult, _role, start_gate, summarize, wavs_at
 from daemon.asrctl import load_wav
 from ipc import protocol as p
 from ipc.client import STREAM_ENDING_CODES
@@ -273,12 +272,7 @@ def run_part(cfg: FleetConfig, gate: Any = None) -> GenResult:
 
 
 def _child(cfg: FleetConfig, ready: Any, start: Any, out: Any) -> None:
-    def gate() -> float:
-        ready.put(os.getpid())
-        t0: float = start.get()
-        return t0
-
-    out.put(run_part(cfg, gate))
+    out.put(run_part(cfg, start_gate(ready, start)))
 
 
 def default_wavs() -> list[str]:

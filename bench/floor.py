@@ -52,6 +52,7 @@ from typing import Any
 import msgspec
 
 from bench import echo
+from bench.echo import recv_exactly
 from bench.load import REPO, RESULTS_DIR, machine_facts, summarize, write_report
 from daemon.placement import running_on
 from ipc import records as rec
@@ -238,15 +239,6 @@ def _wait_ready(proc: subprocess.Popen[bytes], what: str) -> None:
         raise RuntimeError(f"floor pipeline: the {what} process did not start")
 
 
-def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise RuntimeError("floor pipeline: the ingress process went away")
-        got += n
-
-
 def measure_pipeline(
     count: int = FULL_COUNT,
     warmup: int = 200,
@@ -285,10 +277,12 @@ def measure_pipeline(
                         time.sleep(pace_s)
                     t0 = perf()
                     sock.sendall(writer.encode(Audio(stream="floor", seq=seq, pcm=pcm)))
-                    _recv_exactly(sock, head)
+                    if not recv_exactly(sock, head):
+                        raise RuntimeError("floor pipeline: the ingress process went away")
                     n = int.from_bytes(head, "big")
                     view = memoryview(body)[:n]
-                    _recv_exactly(sock, view)
+                    if not recv_exactly(sock, view):
+                        raise RuntimeError("floor pipeline: the ingress process went away")
                     reply = decoder.decode(view)
                     t1 = perf()
                     view.release()

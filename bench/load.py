@@ -37,6 +37,7 @@ import threading
 import time
 from array import array
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,16 +362,21 @@ async def generate(cfg: GenConfig, start_gate: Any = None) -> GenResult:
     return res
 
 
-def _child(cfg: GenConfig, ready: Any, start: Any, out: Any) -> None:
-    """``--procs`` worker: connect, report ready, wait for the start time, run, send results."""
+def start_gate(ready: Any, start: Any) -> Callable[[], float]:
+    """A generator process's gate: once connected, say so on ``ready``, then wait for the start
+    time (the same monotonic instant for every process) on ``start``."""
 
     def gate() -> float:
         ready.put(os.getpid())
         t0: float = start.get()
         return t0
 
-    res = asyncio.run(generate(cfg, gate))
-    out.put(res)
+    return gate
+
+
+def _child(cfg: GenConfig, ready: Any, start: Any, out: Any) -> None:
+    """``--procs`` worker: connect, report ready, wait for the start time, run, send results."""
+    out.put(asyncio.run(generate(cfg, start_gate(ready, start))))
 
 
 # --- daemon CPU -------------------------------------------------------------------------------

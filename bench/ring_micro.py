@@ -27,7 +27,7 @@ SIZES = (64, 3200, 32000)
 BATCH = 32
 
 
-def _best_ns(fn: Callable[[int], None], n: int, seconds: float) -> float:
+def best_ns(fn: Callable[[int], None], n: int, seconds: float) -> float:
     """Best per-operation time over repeated runs of ``fn(n)`` for about ``seconds``."""
     best = float("inf")
     end = time.perf_counter() + seconds
@@ -72,8 +72,8 @@ def bench_ring(seconds: float) -> dict[str, float]:
     try:
         for size in SIZES:
             payload = os.urandom(size)
-            out[f"push_pop_{size}_ns"] = _best_ns(partial(_push_pop, ring, payload), 2000, seconds)
-            out[f"push_pop_batch{BATCH}_{size}_ns"] = _best_ns(
+            out[f"push_pop_{size}_ns"] = best_ns(partial(_push_pop, ring, payload), 2000, seconds)
+            out[f"push_pop_batch{BATCH}_{size}_ns"] = best_ns(
                 partial(_push_pop_batch, ring, payload), BATCH * 64, seconds
             )
             n = min(1000, ring.capacity // (size + 40) - 1)
@@ -120,13 +120,13 @@ def bench_primitives(seconds: float) -> dict[str, float]:
             for _ in range(n):
                 pass
 
-        loop = _best_ns(empty, 100_000, seconds)
+        loop = best_ns(empty, 100_000, seconds)
         res = {
-            "load_acquire_ns": _best_ns(acquire, 100_000, seconds),
-            "store_release_ns": _best_ns(release, 100_000, seconds),
-            "memoryview_store_u64_ns": _best_ns(mv_store, 100_000, seconds),
-            "memoryview_load_u64_ns": _best_ns(mv_load, 100_000, seconds),
-            "memoryview_slice_store_8_ns": _best_ns(mv_slice_store, 100_000, seconds),
+            "load_acquire_ns": best_ns(acquire, 100_000, seconds),
+            "store_release_ns": best_ns(release, 100_000, seconds),
+            "memoryview_store_u64_ns": best_ns(mv_store, 100_000, seconds),
+            "memoryview_load_u64_ns": best_ns(mv_load, 100_000, seconds),
+            "memoryview_slice_store_8_ns": best_ns(mv_slice_store, 100_000, seconds),
         }
         # Report the operation itself, net of the bare loop.
         out = {k: max(0.0, v - loop) for k, v in res.items()}
