@@ -8,6 +8,7 @@ nothing but the 4-byte prefix.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -15,6 +16,7 @@ import msgspec
 from ipc.protocol import ErrorCode
 
 PREFIX = 4
+_LENGTH = struct.Struct(">I")
 T = TypeVar("T")
 
 
@@ -95,11 +97,12 @@ class FrameReader(Generic[T]):
     ``get_buffer()`` while ``buffer_updated()`` runs, and an exported bytearray cannot change size.
     """
 
-    __slots__ = ("_buf", "_dec", "_end", "_start", "max_frame_bytes")
+    __slots__ = ("_buf", "_dec", "_end", "_start", "_view", "max_frame_bytes")
 
     def __init__(self, type: Any, max_frame_bytes: int, initial_bytes: int = 65536) -> None:
         self._dec: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(type)
         self._buf = bytearray(initial_bytes)
+        self._view = memoryview(self._buf)  # never resized, so a view can stay exported
         self._start = 0
         self._end = 0
         self.max_frame_bytes = max_frame_bytes
@@ -109,7 +112,7 @@ class FrameReader(Generic[T]):
         need = PREFIX
         pending = self._end - self._start
         if pending >= PREFIX:
-            length = int.from_bytes(self._buf[self._start : self._start + PREFIX], "big")
+            (length,) = _LENGTH.unpack_from(self._buf, self._start)
             if length <= self.max_frame_bytes:
                 need = PREFIX + length
         need = max(need, pending + 4096)
@@ -119,11 +122,12 @@ class FrameReader(Generic[T]):
             new = bytearray(size)
             new[:pending] = self._buf[self._start : self._end]
             self._buf = new
+            self._view = memoryview(new)
             self._start, self._end = 0, pending
         elif len(self._buf) - self._end < 4096 or self._start > len(self._buf) // 2:
             self._buf[:pending] = self._buf[self._start : self._end]
             self._start, self._end = 0, pending
-        return memoryview(self._buf)[self._end :]
+        return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
@@ -144,20 +148,21 @@ class FrameReader(Generic[T]):
         return self
 
     def __next__(self) -> T | BadFrame:
-        buf, pos = self._buf, self._start
-        if self._end - pos < PREFIX:
+        pos, stop = self._start, self._end
+        if stop - pos < PREFIX:
             raise StopIteration
-        length = int.from_bytes(buf[pos : pos + PREFIX], "big")
+        (length,) = _LENGTH.unpack_from(self._buf, pos)
         if length > self.max_frame_bytes:
             raise FrameTooLarge(length, self.max_frame_bytes)
         end = pos + PREFIX + length
-        if self._end < end:
+        if stop < end:
             raise StopIteration
-        self._start = end
-        if self._start == self._end:
+        if end == stop:
             self._start = self._end = 0
+        else:
+            self._start = end
         try:
-            return self._dec.decode(memoryview(buf)[pos + PREFIX : end])
+            return self._dec.decode(self._view[pos + PREFIX : end])
         except msgspec.MsgspecError as exc:
             code, message = describe_decode_error(exc)
             return BadFrame(code, message)

@@ -23,6 +23,7 @@ import select
 import signal
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -39,6 +40,7 @@ from workers.faults import FaultInjector
 from workers.spec import WorkerSpec, load_spec
 
 BATCH = 64
+AUDIO_KINDS = (rec.AUDIO, rec.AUDIO_BATCH)
 PUBLISH_INTERVAL_S = 0.05  # counters for status and metrics: fresher than anyone reads them
 
 log = logging.getLogger("asrd.infer")
@@ -122,7 +124,7 @@ class InferWorker(LaneWorker):
                     self.audio_space.signal()
                 for r in records:
                     self.handle(r)
-                    if r.kind != rec.AUDIO:  # audio is only gathered here, for flush_feeds
+                    if r.kind not in AUDIO_KINDS:  # audio is only gathered here (flush_feeds)
                         self.beat()
                 self.flush_feeds()
                 self.emit_partials()
@@ -185,16 +187,19 @@ class InferWorker(LaneWorker):
             self.faults.record()
         kind = r.kind
         if kind == rec.AUDIO:
-            u = self.utterances.get(r.key)
-            if u is None:
+            self.audio_chunks(((r.key, r.seq, r.payload),))
+            return
+        if kind == rec.AUDIO_BATCH:
+            try:
+                chunks = rec.unpack_audio_batch(r.payload)
+            except rec.CorruptBatch as exc:
+                log.error("corrupt audio batch record: %s; its audio is lost", exc)
                 c["dropped_records"] += 1
                 return
-            c["audio_bytes"] += len(r.payload)
-            u.audio_seq = r.seq
-            if u.started:
-                self.feeds.setdefault(r.key, []).append(r.payload)
-            else:
-                u.waiting_audio.append(r.payload)
+            if self.faults.enabled:  # the harness counts chunks, as before batching
+                for _ in range(len(chunks) - 1):
+                    self.faults.record()
+            self.audio_chunks(chunks)
             return
         if self.feeds:
             self.flush_feeds()  # audio goes in before anything else happens to its utterance
@@ -215,10 +220,10 @@ class InferWorker(LaneWorker):
             old = self.utterances.pop(r.key, None)
             if old is not None:
                 self.drop(old)
-            u = Utterance(r.key, r.seq, begin.interim_ms)
-            self.utterances[r.key] = u
+            started = Utterance(r.key, r.seq, begin.interim_ms)
+            self.utterances[r.key] = started
             c["utterances"] += 1
-            self.try_start(u)
+            self.try_start(started)
         elif kind == rec.END:
             u = self.utterances.get(r.key)
             if u is None or u.number != r.seq:
@@ -240,6 +245,23 @@ class InferWorker(LaneWorker):
             log.info("ingress generation %d started; abandoned utterances cleared", r.key)
         else:
             c["dropped_records"] += 1
+
+    def audio_chunks(self, chunks: Iterable[tuple[int, int, bytes]]) -> None:
+        """Gather audio for flush_feeds (or, before its utterance has a decoder, keep it)."""
+        c = self.counters
+        utterances = self.utterances
+        feeds = self.feeds
+        for key, seq, pcm in chunks:
+            u = utterances.get(key)
+            if u is None:
+                c["dropped_records"] += 1
+                continue
+            c["audio_bytes"] += len(pcm)
+            u.audio_seq = seq
+            if u.started:
+                feeds.setdefault(key, []).append(pcm)
+            else:
+                u.waiting_audio.append(pcm)
 
     def flush_feeds(self) -> None:
         """Feed the audio gathered from this batch of records: one chunk per stream (its
@@ -352,6 +374,7 @@ class InferWorker(LaneWorker):
             return
         now = time.monotonic()
         utterances = self.utterances
+        batch: list[rec.BatchedPartial] = []
         for key, u in list(self.due.items()):
             if utterances.get(key) is not u:
                 del self.due[key]  # finished or dropped since it was fed
@@ -368,9 +391,25 @@ class InferWorker(LaneWorker):
             if text == u.last_partial and u.interim_ms > 0:
                 continue
             u.last_partial = text
-            payload = self._enc.encode(rec.PartialResult(text, u.audio_seq))
-            self.push_result(rec.PARTIAL, u.key, u.number, payload)
-            self.counters["partials"] += 1
+            batch.append(rec.BatchedPartial(key, u.number, text, u.audio_seq))
+        if batch:
+            self.push_partials(batch)
+            self.counters["partials"] += len(batch)
+
+    def push_partials(self, batch: list[rec.BatchedPartial]) -> None:
+        """One PARTIALS record (one PARTIAL for a single partial), split to fit the ring."""
+        if len(batch) == 1:
+            p = batch[0]
+            payload = self._enc.encode(rec.PartialResult(p.text, p.audio_seq))
+            self.push_result(rec.PARTIAL, p.key, p.utterance, payload)
+            return
+        payload = self._enc.encode(batch)
+        if len(payload) > self.results.max_payload:
+            half = len(batch) // 2
+            self.push_partials(batch[:half])
+            self.push_partials(batch[half:])
+            return
+        self.push_result(rec.PARTIALS, 0, 0, payload)
 
     # --- result ring ----------------------------------------------------------------------------
     def push_result(self, kind: int, key: int, seq: int, payload: bytes) -> None:

@@ -191,7 +191,10 @@ class Ingress(LaneWorker):
         self.connections: set[Connection] = set()
         self.by_key: dict[int, Stream] = {}
         self.next_key = 0
-        self.ended_speech_frames = 0  # VAD frames of streams that have ended
+        # Totals of streams that have ended (live streams count their own, summed at publish).
+        self.ended_chunks = 0
+        self.ended_samples = 0
+        self.ended_speech_frames = 0
         self.ended_silence_frames = 0
         lanes = max(1, spec.lanes)
         limits = self.config.limits
@@ -207,6 +210,12 @@ class Ingress(LaneWorker):
             ),
             backend=self.config.backend.kind,
         )
+        # This loop iteration's audio chunks, pushed as one AUDIO_BATCH record by flush().
+        self.batch_keys: list[int] = []
+        self.batch_seqs: list[int] = []
+        self.batch_pcms: list[bytes] = []
+        self.batch_bytes = rec.audio_batch_bytes(0, 0)
+        self.batch_limit = self.audio.max_payload
         self.backlog: deque[tuple[int, int, int, bytes]] = deque()
         self.backlog_bytes = 0
         self.paused = False
@@ -225,6 +234,7 @@ class Ingress(LaneWorker):
         )
         self._enc = msgspec.msgpack.Encoder()
         self._partial_dec = msgspec.msgpack.Decoder(rec.PartialResult)
+        self._partials_dec = msgspec.msgpack.Decoder(list[rec.BatchedPartial])
         self._final_dec = msgspec.msgpack.Decoder(rec.FinalResult)
         self._error_dec = msgspec.msgpack.Decoder(rec.UtteranceError)
 
@@ -282,7 +292,10 @@ class Ingress(LaneWorker):
         c = self.counters
         c["connections"] = len(self.connections)
         c["streams"] = len(self.by_key)
-        live = [s.vad.counters for s in self.by_key.values()]
+        streams = self.by_key.values()
+        c["chunks"] = self.ended_chunks + sum(s.chunks for s in streams)
+        c["audio_bytes"] = 2 * (self.ended_samples + sum(s.samples_in for s in streams))
+        live = [s.vad.counters for s in streams]
         c["speech_frames"] = self.ended_speech_frames + sum(v.speech_frames for v in live)
         c["silence_frames"] = self.ended_silence_frames + sum(v.silence_frames for v in live)
         c["pending_records"] = len(self.backlog)
@@ -387,6 +400,7 @@ class Ingress(LaneWorker):
     def flush(self) -> None:
         """Once per loop iteration: one socket write per connection, one ring wake-up."""
         self.flush_scheduled = False
+        self.flush_audio()
         self.write_dirty()
         if self.signal_audio:
             self.signal_audio = False
@@ -516,14 +530,33 @@ class Ingress(LaneWorker):
         conn.send(p.Started(stream=sid, lane=self.lane))
 
     def on_audio(self, conn: Connection, msg: p.Audio) -> None:
+        stream = conn.streams.get(msg.stream)
+        pcm = msg.pcm
+        seq = msg.seq
+        # One test for every way a chunk can be refused (no hello means no streams either).
+        if stream is None or stream.finishing or len(pcm) & 1 or seq <= stream.last_seq:
+            self.refuse_audio(conn, msg, stream)
+            return
+        stream.last_seq = seq
+        stream.chunks += 1
+        stream.samples_in += len(pcm) >> 1
+        if stream.resampler is not None:
+            pcm = to_pcm16(
+                stream.resampler.resample_chunk(
+                    np.frombuffer(pcm, dtype=np.int16).astype(np.float32)
+                )
+            )
+        if stream.vad.pass_through(len(pcm)):
+            self.push_audio(stream.key, seq, pcm)
+        else:
+            self.route(stream, stream.vad.process(pcm), seq)
+
+    def refuse_audio(self, conn: Connection, msg: p.Audio, stream: Stream | None) -> None:
         if not conn.greeted:
             conn.fail(p.ErrorCode.HELLO_REQUIRED, "the first message must be hello, not audio")
-            return
-        stream = conn.streams.get(msg.stream)
-        if stream is None:
+        elif stream is None:
             self.unknown_stream(conn, msg.stream)
-            return
-        if stream.finishing:
+        elif stream.finishing:
             if self.draining and not stream.told_shutdown:
                 stream.told_shutdown = True
                 self.stream_error(
@@ -540,18 +573,15 @@ class Ingress(LaneWorker):
                     p.ErrorCode.INVALID_MESSAGE,
                     "audio after finish: the stream is closing",
                 )
-            return
-        pcm = msg.pcm
-        if len(pcm) & 1:
+        elif len(msg.pcm) & 1:
             self.stream_error(
                 conn,
                 stream.id,
                 p.ErrorCode.ODD_BYTE_COUNT,
-                f"audio seq {msg.seq} has {len(pcm)} bytes; s16le needs an even count "
+                f"audio seq {msg.seq} has {len(msg.pcm)} bytes; s16le needs an even count "
                 "(the chunk was not used)",
             )
-            return
-        if msg.seq <= stream.last_seq:
+        else:
             self.stream_error(
                 conn,
                 stream.id,
@@ -559,20 +589,6 @@ class Ingress(LaneWorker):
                 f"audio seq {msg.seq} is not above the previous seq {stream.last_seq} "
                 "(the chunk was not used)",
             )
-            return
-        stream.last_seq = msg.seq
-        stream.chunks += 1
-        stream.samples_in += len(pcm) >> 1
-        c = self.counters
-        c["chunks"] += 1
-        c["audio_bytes"] += len(pcm)
-        if stream.resampler is not None:
-            pcm = to_pcm16(
-                stream.resampler.resample_chunk(
-                    np.frombuffer(pcm, dtype=np.int16).astype(np.float32)
-                )
-            )
-        self.route(stream, stream.vad.process(pcm), msg.seq)
 
     def route(self, stream: Stream, events: list[Any], seq: int) -> None:
         """VAD events -> ring records and Speech messages."""
@@ -642,6 +658,8 @@ class Ingress(LaneWorker):
     def remove(self, stream: Stream) -> None:
         if self.by_key.pop(stream.key, None) is not None:
             vc = stream.vad.counters
+            self.ended_chunks += stream.chunks
+            self.ended_samples += stream.samples_in
             self.ended_speech_frames += vc.speech_frames
             self.ended_silence_frames += vc.silence_frames
             self.slot.set_counter(_STREAMS, len(self.by_key))
@@ -667,15 +685,48 @@ class Ingress(LaneWorker):
 
     # --- audio ring -----------------------------------------------------------------------------
     def push_audio(self, key: int, seq: int, pcm: bytes) -> None:
+        """Gather the chunk into this loop iteration's audio batch (pushed by flush_audio())."""
+        n = len(pcm)
+        if self.batch_bytes + n + rec.BATCH_ENTRY_BYTES > self.batch_limit:
+            self.flush_audio()
+            if n + rec.BATCH_ENTRY_BYTES > self.batch_limit:
+                self.push_audio_split(key, seq, pcm)
+                return
+        self.batch_keys.append(key)
+        self.batch_seqs.append(seq)
+        self.batch_pcms.append(pcm)
+        self.batch_bytes += n + rec.BATCH_ENTRY_BYTES
+        if not self.flush_scheduled and self.loop is not None:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def push_audio_split(self, key: int, seq: int, pcm: bytes) -> None:
         limit = self.audio.max_payload
-        if len(pcm) <= limit:
-            self.push(rec.AUDIO, key, seq, pcm)
-            return
         view = memoryview(pcm)
         for i in range(0, len(pcm), limit):
             self.push(rec.AUDIO, key, seq, bytes(view[i : i + limit]))
 
+    def flush_audio(self) -> None:
+        """The gathered chunks as one ring record (a single chunk as a plain AUDIO record)."""
+        pcms = self.batch_pcms
+        if not pcms:
+            return
+        keys, seqs = self.batch_keys, self.batch_seqs
+        if len(pcms) == 1:
+            self.push_record(rec.AUDIO, keys[0], seqs[0], pcms[0])
+        else:
+            self.push_record(rec.AUDIO_BATCH, 0, 0, rec.pack_audio_batch(keys, seqs, pcms))
+        keys.clear()
+        seqs.clear()
+        pcms.clear()
+        self.batch_bytes = rec.audio_batch_bytes(0, 0)
+
     def push(self, kind: int, key: int, seq: int, payload: bytes) -> None:
+        """A control record (or an oversized chunk): after the audio gathered before it."""
+        self.flush_audio()
+        self.push_record(kind, key, seq, payload)
+
+    def push_record(self, kind: int, key: int, seq: int, payload: bytes) -> None:
         if self.faults.enabled:
             self.faults.record()
             payload = self.faults.payload(payload)
@@ -782,8 +833,26 @@ class Ingress(LaneWorker):
         )
         self.maybe_close(stream)
 
+    def on_partials(self, payload: bytes) -> None:
+        by_key = self.by_key
+        Partial = p.Partial
+        for part in self._partials_dec.decode(payload):
+            stream = by_key.get(part.key)
+            if stream is not None and stream.interim_ms >= 0 and part.utterance in stream.pending:
+                stream.conn.send(
+                    Partial(
+                        stream=stream.id,
+                        utterance=part.utterance,
+                        text=part.text,
+                        seq=part.audio_seq,
+                    )
+                )
+
     def on_result(self, r: Any) -> None:
         kind = r.kind
+        if kind == rec.PARTIALS:
+            self.on_partials(r.payload)
+            return
         if kind == rec.HELLO:
             log.info("infer worker generation %d is serving lane %d", r.seq, self.lane)
             return

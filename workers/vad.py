@@ -172,6 +172,20 @@ class StreamVad:
         samples = (self._frame + 1) * (self._frame_bytes // 2) + self._tail_samples
         return samples * 1000 // self.sample_rate
 
+    def pass_through(self, nbytes: int) -> bool:
+        """With the VAD off and room left in the open utterance, count ``nbytes`` (whole
+        samples) of audio as speech and return True: the caller forwards it as it is, with no
+        event to route. False: call :meth:`process`. The per-chunk cost of the VAD-off path."""
+        if (
+            self._state == _SPEECH
+            and not self._enabled
+            and self._bytes + nbytes < self._limit_bytes
+        ):
+            self._bytes += nbytes
+            self._bytes_seen += nbytes
+            return True
+        return False
+
     def process(self, pcm: bytes) -> list[VadEvent]:
         """Analyse more audio (s16le mono, any length); return the events it completes."""
         if len(pcm) & 1:
