@@ -130,6 +130,12 @@ REGISTRY: dict[str, Benchmark] = {
             "bench.ring_micro",
         ),
         Benchmark(
+            "hotpath",
+            "the daemon's Python work per chunk, in process: ingress read, infer, results",
+            "bench.suite:run_hotpath",
+            "bench.hotpath",
+        ),
+        Benchmark(
             "codec",
             "per-chunk codec micro-benchmark: msgspec Audio, FrameWriter/Reader, copy, webrtcvad",
             "bench.suite:run_codec",
@@ -350,6 +356,8 @@ def latency_main(argv: list[str] | None = None) -> int:
         help="one-stream round trips at real time, floor and asrd each (150: 15 s each)",
     )
     args = p.parse_args(argv)
+    if args.one_stream_rounds < 1 or args.paced_count < 1:
+        p.error("--one-stream-rounds and --paced-count must be at least 1 (each row needs them)")
     if args.smoke:
         args.streams, args.duration, args.floor_count, args.drain_timeout = [1, 10], 2.0, 300, 5.0
         args.paced_count, args.one_stream_rounds = 10, 1
@@ -720,6 +728,12 @@ def run_profile(argv: list[str], smoke: bool, path: Path) -> int:
     from bench import profile
 
     return profile.main(_with_smoke(argv, smoke, path))
+
+
+def run_hotpath(argv: list[str], smoke: bool, path: Path) -> int:
+    from bench import hotpath
+
+    return hotpath.main(_with_smoke(argv, smoke, path))
 
 
 def run_codec(argv: list[str], smoke: bool, path: Path) -> int:

@@ -1,132 +1,22 @@
 """Batched ring records: the ingress worker's AUDIO_BATCH (the chunks of one loop iteration) and
 the infer worker's PARTIALS (the partials of one pass), on real rings in shared memory.
 
-The workers run in this process, their loops driven by hand: frames go into a real Connection,
-records through real rings, so each test sees exactly which records crossed which ring.
+The workers run in this process (``bench.hotpath.Lane``), their loops driven by hand: frames go
+into a real Connection, records through real rings, so each test sees exactly which records
+crossed which ring.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import Iterator
-from typing import Any
 
-import msgspec
 import pytest
 
-from daemon.config import Config
+from bench.hotpath import CHUNK, Lane
 from ipc import protocol as p
 from ipc import records as rec
-from ipc.framing import FrameWriter
-from ipc.heartbeat import HeartbeatTable
-from ipc.ring import Ring
-from ipc.wakeup import Wakeup
-from workers import ingress as ing
-from workers.infer import InferWorker
-from workers.spec import LaneFds, WorkerSpec
 
 pytestmark = pytest.mark.timeout(30)
-CHUNK = bytes(range(200)) * 16  # 3,200 bytes: 100 ms of 16 kHz s16le
-
-
-class Transport:
-    """What Connection needs of an asyncio transport: writes are kept."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-
-class Lane:
-    """One lane's rings and both workers, in this process."""
-
-    def __init__(self, ring_bytes: int) -> None:
-        tag = f"/asrd-test-batch-{os.getpid()}"
-        cfg = msgspec.convert(
-            {"backend": {"kind": "null", "interim_ms": 0}, "vad": {"enabled": False}}, Config
-        )
-        self.rings = [Ring.create(f"{tag}-a", ring_bytes), Ring.create(f"{tag}-r", ring_bytes)]
-        self.table = HeartbeatTable.create(f"{tag}-hb", 2)
-        self.wakeups = [Wakeup() for _ in range(4)]
-        fds = LaneFds(
-            **{
-                name: w.fds()
-                for name, w in zip(
-                    ("audio_data", "audio_space", "result_data", "result_space"),
-                    self.wakeups,
-                    strict=True,
-                )
-            }
-        )
-        spec = WorkerSpec(
-            role="ingress",
-            lane=0,
-            lanes=1,
-            generation=1,
-            supervisor_pid=os.getppid(),
-            heartbeat=f"{tag}-hb",
-            slot=0,
-            audio_ring=f"{tag}-a",
-            result_ring=f"{tag}-r",
-            fds=fds,
-            config=cfg,
-        )
-        self.loop = asyncio.new_event_loop()
-        self.ingress = ing.Ingress(spec)
-        self.ingress.loop = self.loop
-        self.infer = InferWorker(msgspec.structs.replace(spec, role="infer", slot=1))
-        self.conn = ing.Connection(self.ingress)
-        self.transport = Transport()
-        self.conn.transport = self.transport  # type: ignore[assignment]
-        self.ingress.connections.add(self.conn)
-        self.client = FrameWriter()
-        self.reader = msgspec.msgpack.Decoder(p.ServerMessage)
-
-    def send(self, *msgs: Any) -> None:
-        """One socket read holding these frames, then the end of the loop iteration."""
-        for m in msgs:
-            self.client.append(m)
-        data = self.client.take()
-        buf = self.conn.get_buffer(len(data))
-        buf[: len(data)] = data
-        self.conn.buffer_updated(len(data))
-        self.ingress.flush()
-
-    def audio_records(self) -> list[Any]:
-        return self.infer.audio.pop_many()
-
-    def infer_pass(self, records: list[Any]) -> None:
-        for r in records:
-            self.infer.handle(r)
-        self.infer.flush_feeds()
-        self.infer.emit_partials()
-
-    def replies(self) -> list[Any]:
-        self.ingress.drain_results()
-        self.ingress.write_dirty()
-        out, data = [], bytes(self.transport.data)
-        self.transport.data.clear()
-        while data:
-            n = int.from_bytes(data[:4], "big")
-            out.append(self.reader.decode(data[4 : 4 + n]))
-            data = data[4 + n :]
-        return out
-
-    def close(self) -> None:
-        self.loop.close()
-        for ring in self.rings:
-            ring.close()
-            ring.unlink()
-        self.table.close()
-        self.table.unlink()
-        for w in self.wakeups:
-            w.close()
 
 
 @pytest.fixture

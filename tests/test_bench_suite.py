@@ -29,13 +29,14 @@ EXPECTED = {
     "triton",
     "ring",
     "codec",
+    "hotpath",
     "io_backend",
     "soak",
     "accuracy",
     "profile",
 }
 # Seconds each takes here (2 vCPUs, busy): floor 7, latency 17, capacity 28 (two daemons),
-# memory 10, accuracy 8, io_backend 3, ring 1, codec 2, profile 10.
+# memory 10, accuracy 8, io_backend 3, ring 1, codec 2, hotpath 1, profile 10.
 SMOKE_RUNS = [
     pytest.param(b.name, marks=pytest.mark.timeout(240))
     for b in suite.REGISTRY.values()
