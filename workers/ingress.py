@@ -2,8 +2,9 @@
 
 Threading model: one asyncio event loop. Client sockets are ``BufferedProtocol`` connections
 accepted on the listening socket shared by every lane's ingress worker (the kernel gives each
-connection to one of them). Speech goes to the lane's audio ring; results come back through the
-result ring, whose eventfd is registered with the loop. Socket writes are batched: messages are
+connection to one of them). Speech goes to the lane's audio ring, the chunks of one loop
+iteration as one record; results come back through the result ring, whose eventfd is
+registered with the loop. Socket writes are batched: messages are
 encoded as they are produced and written once per loop iteration, except the results drained
 from the result ring, which are written at the end of that drain (one callback covers them all).
 
