@@ -35,7 +35,7 @@ from typing import Any
 
 import msgspec
 
-from bench.load import REPO, machine_facts, write_report
+from bench.load import REPO, add_generator_argument, machine_facts, write_report
 
 SETTLE_S = 2.0
 FIGURES = (
@@ -126,9 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load per side (10)")
     p.add_argument("--count", type=int, default=2000, help="closed-loop round trips (2000)")
     p.add_argument("--lanes", type=int, default=None, help="daemon lanes (default: auto)")
-    p.add_argument(
-        "--generator", choices=("fleet", "asyncio"), default="fleet", help="(fleet: bench.fleet)"
-    )
+    add_generator_argument(p)
     p.add_argument(
         "--before-extra",
         default="",

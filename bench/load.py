@@ -743,6 +743,17 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_generator_argument(p: argparse.ArgumentParser) -> None:
+    """``--generator``, as every benchmark that loads the daemon spells it."""
+    p.add_argument(
+        "--generator",
+        choices=("fleet", "asyncio"),
+        default="fleet",
+        help="load generator: fleet (a write per connection per period, as a gateway) or "
+        "asyncio (a task per stream, as independent clients) (fleet)",
+    )
+
+
 def write_report(report: dict[str, Any], path: str | Path | None, name: str = "load") -> Path:
     """Write ``report`` as JSON to ``path``, by default ``bench/results/<name>-<time>.json``."""
     if path is None:

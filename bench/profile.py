@@ -40,7 +40,7 @@ from typing import Any
 import psutil
 
 from bench.floor import cpu_reference, metric
-from bench.load import RESULTS_DIR, machine_facts, write_report
+from bench.load import RESULTS_DIR, add_generator_argument, machine_facts, write_report
 
 _LINE = re.compile(r"^(.*) (\d+)$")
 _FRAME = re.compile(r"^(?P<fn>.*?) \((?P<file>[^():]+)(?::\d+)?\)$")
@@ -161,9 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=int, default=100, help="samples per second (100)")
     p.add_argument("--top", type=int, default=12, help="frames per table (12)")
     p.add_argument("--lanes", type=int, default=None, help="daemon lanes (default: auto)")
-    p.add_argument(
-        "--generator", choices=("fleet", "asyncio"), default="fleet", help="(fleet: bench.fleet)"
-    )
+    add_generator_argument(p)
     p.add_argument("--json", metavar="PATH", help="report path")
     p.add_argument("--smoke", action="store_true", help="tiny run (tests)")
     return p

@@ -55,7 +55,7 @@ from typing import Any
 import msgspec
 
 from bench.floor import metric as metric  # re-exported: the shape of a report's metrics
-from bench.load import REPO, RESULTS_DIR, machine_facts, write_report
+from bench.load import REPO, RESULTS_DIR, add_generator_argument, machine_facts, write_report
 
 HISTORY = REPO / "bench" / "history.jsonl"
 SMOKE = "--smoke"
@@ -303,13 +303,7 @@ def _streams_list(text: str) -> list[int]:
 def _daemon_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--per-connection", type=int, default=10, help="streams per connection (10)")
-    p.add_argument(
-        "--generator",
-        choices=("fleet", "asyncio"),
-        default="fleet",
-        help="load generator: fleet (a write per connection per period, as a gateway) or "
-        "asyncio (a task per stream, as independent clients) (fleet)",
-    )
+    add_generator_argument(p)
     p.add_argument(
         "--procs",
         type=int,
