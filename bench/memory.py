@@ -56,13 +56,16 @@ CHUNK_MS = 100
 KIB = 1024
 
 
-def daemon_config(backend: str, lanes: int | None = None) -> str:
+def daemon_config(backend: str, lanes: int | None = None, threads: int | None = None) -> str:
     """asrd configuration of the suite's daemon runs: ``backend``, a Partial per chunk, no
-    VAD (every chunk goes to the recognizer), warnings only in the log."""
+    VAD (every chunk goes to the recognizer), warnings only in the log; ``threads``: the
+    embedded backend's decoding threads per lane (default: its own)."""
     return (
         'log_level = "warning"\n'
         + (f"lanes = {lanes}\n" if lanes else "")
-        + f'[backend]\nkind = "{backend}"\ninterim_ms = 0\n[vad]\nenabled = false\n'
+        + f'[backend]\nkind = "{backend}"\ninterim_ms = 0\n'
+        + (f"[backend.embedded]\nthreads = {threads}\n" if threads is not None else "")
+        + "[vad]\nenabled = false\n"
     )
 
 

@@ -534,7 +534,9 @@ def capacity_of(
     target = args.target_p99_ms
     if backend == "embedded" and args.embedded_target_p99_ms is not None:
         target = args.embedded_target_p99_ms
-    config = daemon_config(backend, args.lanes)
+    config = daemon_config(
+        backend, args.lanes, args.embedded_threads if backend == "embedded" else None
+    )
     daemon: DaemonProcess | None = None
     starts = 0
 
@@ -593,6 +595,8 @@ def capacity_of(
         "first_failed_streams": bad,
         "limit_reached": bad is None,
         "target_p99_ms": target,
+        "lanes": args.lanes or "auto",
+        "embedded_threads": args.embedded_threads if backend == "embedded" else None,
         "steps": steps,
     }
 
@@ -621,6 +625,12 @@ def capacity_main(argv: list[str] | None = None) -> int:
     p.add_argument("--null-max", type=int, default=4000, help="highest step, null (4000)")
     p.add_argument("--embedded-start", type=int, default=1, help="first step, embedded (1)")
     p.add_argument("--embedded-max", type=int, default=32, help="highest step, embedded (32)")
+    p.add_argument(
+        "--embedded-threads",
+        type=int,
+        default=None,
+        help="backend.embedded.threads, decoding threads per lane (default: the daemon's)",
+    )
     p.add_argument("--refine", type=int, default=3, help="bisection steps after a failure (3)")
     args = p.parse_args(argv)
     backends = args.backend or ["null", "embedded"]

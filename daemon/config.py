@@ -70,6 +70,10 @@ class EmbeddedConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     decoders: Annotated[int, Meta(ge=0, le=256)] = 2  # created at worker start
     max_decoders: Annotated[int, Meta(ge=1, le=256)] = 16  # bounded pool; more utterances wait
+    # Threads that decode one pass's utterances at once in the infer worker (pocketsphinx is
+    # called without the GIL: workers/backends/sphinx.py), so a lane is not held to one core;
+    # 0 = 2 (1 on a single usable CPU), the best measured with a lane per CPU.
+    threads: Annotated[int, Meta(ge=0, le=64)] = 0
     hmm: str = ""  # acoustic model directory; "" = the model the wheel ships
     dict: str = ""
     lm: str = ""

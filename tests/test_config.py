@@ -228,7 +228,7 @@ def test_field_errors(text: str, expected: str) -> None:
         (
             "[backend.embedded]\nbeam_width = 1e-40",
             "unknown field backend.embedded.beam_width (allowed in [backend.embedded]: "
-            "decoders, max_decoders, hmm, dict, lm, beam, cmn_init, fwdflat)",
+            "decoders, max_decoders, threads, hmm, dict, lm, beam, cmn_init, fwdflat)",
         ),
         ("[triton]\nurl = 'x'", "unknown field triton (allowed: "),
         ('"odd key" = 1', 'unknown field "odd key" (allowed: '),

@@ -2,7 +2,9 @@
 
 Threading model: one thread, one loop. It sleeps in ``poll()`` on the audio ring's wake-up
 descriptor (and, while the result ring is full, on the result ring's space wake-up), with a
-timeout of ``heartbeat_interval_s`` so that it beats even when idle.
+timeout of ``heartbeat_interval_s`` so that it beats even when idle. A backend may spread one
+batch's audio over threads of its own (the embedded backend's decoding threads, Triton's
+concurrent requests); the loop waits for the batch to finish.
 
 Liveness: the heartbeat (one monotonic timestamp) is written after every recognizer call (each
 batch's feed, each utterance's begin and end) and every poll, so a beat older than

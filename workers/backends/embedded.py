@@ -22,19 +22,25 @@ its n-th root over the n words is reported: a per-word geometric mean in 0..1, o
 word was recognised.
 
 Threading model: see :mod:`workers.backends.base`; a lock guards the pool, and decoders are
-created outside it. Cost (thread CPU time on the 2-core dev VM, on the shared speech): ``feed``
-of 100 ms takes 30-50 ms; ``partial`` next to nothing (``feed`` keeps the hypothesis current);
-``end`` 10-150 ms with ``fwdflat`` off (the default), about 0.25 s with pocketsphinx's second,
-flat-lexicon pass over the whole utterance; ``begin`` 0.3 ms with a free decoder, 0.25-0.5 s
-when it must create one. The final may differ from the last partial.
+created outside it. Decoders are pocketsphinx's C API through :mod:`workers.backends.sphinx`,
+which runs without the GIL: ``feed_many`` decodes the streams of one infer pass on up to
+``EmbeddedConfig.threads`` threads at once (each stream's decoder on one thread; the caller
+waits for all), so a lane whose streams need more than one core gets more. One stream, or
+``threads = 1``, decodes on the caller's thread. Cost (thread CPU time on the 2-core dev VM, on
+the shared speech): ``feed`` of 100 ms takes 15-50 ms (the VM's speed varies that much);
+``partial`` next to nothing (``feed`` keeps the hypothesis current); ``end`` 10-150 ms with
+``fwdflat`` off (the default), about 0.25 s with pocketsphinx's second, flat-lexicon pass over
+the whole utterance; ``begin`` 0.3 ms with a free decoder, 0.25-0.5 s when it must create one.
+The final may differ from the last partial.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-from pocketsphinx import Decoder
 
 from daemon.config import EmbeddedConfig
 from workers.backends.base import (
@@ -46,6 +52,7 @@ from workers.backends.base import (
     Transcript,
     WordTiming,
 )
+from workers.backends.sphinx import SphinxDecoder
 
 # pocketsphinx raises these for bad models, bad audio or calls out of order.
 _PS_ERRORS = (RuntimeError, ValueError, OSError)
@@ -66,16 +73,25 @@ def decoder_options(config: EmbeddedConfig) -> dict[str, Any]:
     return options
 
 
-def _new_decoder(options: dict[str, Any]) -> Decoder:
+def _new_decoder(options: dict[str, Any]) -> SphinxDecoder:
     try:
-        return Decoder(**options)
+        return SphinxDecoder(options)
     except _PS_ERRORS as exc:
         raise BackendError(f"cannot create a pocketsphinx decoder: {exc}") from exc
 
 
-def _hypothesis(decoder: Decoder) -> str:
-    hyp = decoder.hyp()
-    return hyp.hypstr if hyp is not None else ""
+def decode_threads(config: EmbeddedConfig) -> int:
+    """``threads``, with 0 (auto) as ``AUTO_THREADS`` (1 where one CPU is usable).
+
+    Two per lane, with a lane per CPU, was the best measured (docs/performance.md): more
+    decoding threads than about twice the CPUs made every stream cost more (their decoders
+    evict each other from the caches), 4 per lane on 16 vCPUs worse than 1."""
+    if config.threads:
+        return config.threads
+    return AUTO_THREADS if len(os.sched_getaffinity(0)) > 1 else 1
+
+
+AUTO_THREADS = 2
 
 
 # pocketsphinx's scores depend on how audio is cut into process_raw() calls (measured: calls of
@@ -84,19 +100,15 @@ def _hypothesis(decoder: Decoder) -> str:
 BLOCK_BYTES = 3200
 
 
-def _feed_blocks(decoder: Decoder, pending: bytearray, final: bool) -> None:
+def _feed_blocks(decoder: SphinxDecoder, pending: bytearray, final: bool) -> None:
     """Feed every whole block of ``pending`` (and the rest when ``final``), then drop them."""
     whole = len(pending) - len(pending) % BLOCK_BYTES
+    for off in range(0, whole, BLOCK_BYTES):
+        decoder.process_raw(bytes(pending[off : off + BLOCK_BYTES]))
     if whole:
-        view = memoryview(pending)
-        try:
-            for off in range(0, whole, BLOCK_BYTES):
-                decoder.process_raw(view[off : off + BLOCK_BYTES], False, False)
-        finally:
-            view.release()
         del pending[:whole]
     if final and pending:
-        decoder.process_raw(bytes(pending), False, False)
+        decoder.process_raw(bytes(pending))
         pending.clear()
 
 
@@ -113,13 +125,13 @@ def transcribe_direct(pcm: bytes, config: EmbeddedConfig) -> str:
         decoder.end_utt()
     except _PS_ERRORS as exc:
         raise BackendError(f"pocketsphinx failed: {exc}") from exc
-    return _hypothesis(decoder)
+    return decoder.hyp() or ""
 
 
 class _Utterance:
     __slots__ = ("bytes", "decoder", "pending")
 
-    def __init__(self, decoder: Decoder) -> None:
+    def __init__(self, decoder: SphinxDecoder) -> None:
         self.decoder = decoder
         self.bytes = 0
         self.pending = bytearray()  # audio short of a whole block
@@ -133,10 +145,12 @@ class EmbeddedBackend(Backend):
         self._options = decoder_options(config)
         self._max = config.max_decoders
         self._lock = threading.Lock()
-        self._free: list[Decoder] = []
+        self._free: list[SphinxDecoder] = []
         self._open: dict[int, _Utterance | None] = {}  # None: begin() is still starting it
         self._decoders = 0  # created (or being created) and not dropped
         self._frame_ms = 10
+        self._threads = decode_threads(config)
+        self._pool: ThreadPoolExecutor | None = None  # started at the first parallel feed
         self._closed = False
         self._ended = 0
         self._cancelled = 0
@@ -147,9 +161,9 @@ class EmbeddedBackend(Backend):
             self._free.append(self._create())
             self._decoders += 1
 
-    def _create(self) -> Decoder:
+    def _create(self) -> SphinxDecoder:
         decoder = _new_decoder(self._options)
-        self._frame_ms = 1000 // int(decoder.config["frate"])
+        self._frame_ms = decoder.frame_ms
         return decoder
 
     # --- utterances -------------------------------------------------------------------------
@@ -193,8 +207,28 @@ class EmbeddedBackend(Backend):
             raise BackendError(f"pocketsphinx failed on audio of stream {key}: {exc}") from exc
         utt.bytes += len(pcm)
 
+    def feed_many(self, items: Sequence[tuple[int, bytes]]) -> dict[int, Exception]:
+        """Several streams' audio on up to ``threads`` threads at once (each stream's decoder
+        on one thread); one stream, or ``threads = 1``, on the calling thread."""
+        if self._threads < 2 or len(items) < 2:
+            return super().feed_many(items)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="asrd-decode")
+        errors: dict[int, Exception] = {}
+        for (key, _), exc in zip(items, self._pool.map(self._try_feed, items), strict=True):
+            if exc is not None:
+                errors[key] = exc
+        return errors
+
+    def _try_feed(self, item: tuple[int, bytes]) -> Exception | None:
+        try:
+            self.feed(*item)
+        except Exception as exc:
+            return exc
+        return None
+
     def partial(self, key: int) -> str:
-        return _hypothesis(self._get(key).decoder)
+        return self._get(key).decoder.hyp() or ""
 
     def end(self, key: int) -> Transcript:
         utt = self._pop(key)
@@ -228,24 +262,21 @@ class EmbeddedBackend(Backend):
             self._cancelled += 1
             self._release(decoder)
 
-    def _transcript(self, decoder: Decoder) -> Transcript:
-        hyp = decoder.hyp()
-        if hyp is None:
+    def _transcript(self, decoder: SphinxDecoder) -> Transcript:
+        text = decoder.hyp()
+        if text is None:
             return Transcript("", [], None)
         fm = self._frame_ms
         words = []
-        for seg in decoder.seg() or ():
-            word = seg.word
+        for word, start, end, prob in decoder.seg():
             if word[0] in "<[+":  # <s> </s> <sil>, fillers: [NOISE], ++NOISE++ in older models
                 continue
             if word[-1] == ")":  # a pronunciation variant: word(2)
                 word = word[: word.rindex("(")]
-            confidence = min(1.0, max(0.0, seg.prob))
-            words.append(
-                WordTiming(word, seg.start_frame * fm, (seg.end_frame + 1) * fm, confidence)
-            )
-        confidence = min(1.0, hyp.prob ** (1.0 / len(words))) if words else None
-        return Transcript(hyp.hypstr, words, confidence)
+            words.append(WordTiming(word, start * fm, (end + 1) * fm, min(1.0, max(0.0, prob))))
+        if not words:
+            return Transcript(text, words, None)
+        return Transcript(text, words, min(1.0, decoder.prob() ** (1.0 / len(words))))
 
     # --- pool -------------------------------------------------------------------------------
 
@@ -262,7 +293,7 @@ class EmbeddedBackend(Backend):
                 del self._open[key]
             return utt
 
-    def _release(self, decoder: Decoder) -> None:
+    def _release(self, decoder: SphinxDecoder) -> None:
         """Back to the free list (caller holds the lock), unless the backend was closed."""
         if not self._closed:
             self._free.append(decoder)
@@ -284,6 +315,7 @@ class EmbeddedBackend(Backend):
                 "decoders": self._decoders,
                 "free": len(self._free),
                 "max_decoders": self._max,
+                "threads": self._threads,
                 "utterances": self._ended,
                 "cancelled": self._cancelled,
                 "busy": self._refused,
@@ -292,6 +324,8 @@ class EmbeddedBackend(Backend):
             }
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # idle unless feed_many is running on another thread
         with self._lock:
             self._closed = True
             self._free.clear()
