@@ -13,8 +13,10 @@ Per generator process (``--procs``; connections split between them): one thread,
 :class:`~ipc.framing.FrameReader`; no asyncio. Measured on the monotonic clock shared by all
 processes:
 
-- chunk round trip: an ``Audio`` chunk sent -> the ``Partial`` naming its seq (the daemon runs
-  with ``interim_ms = 0`` and the streams ask for VAD off, so every chunk is answered);
+- chunk round trip: an ``Audio`` chunk sent -> the first ``Partial`` naming its seq or a later
+  one (the daemon runs with ``interim_ms = 0`` and the streams ask for VAD off, so every chunk
+  is answered: by its own partial, or, when the recognizer fell behind and fed several chunks
+  at once, by a later chunk's, counted as ``chunks_coalesced`` with its own, longer, wait);
 - final after finish: ``Finish`` sent -> the stream's last ``Final``;
 - generator lateness: how late each write left against its schedule, and the generator's own
   CPU per chunk (if lateness grows, the generator is the bottleneck: add ``--procs``);
@@ -148,8 +150,9 @@ def _on_message(conn: _Conn, msg: Any, t: float, res: GenResult) -> None:
         if st is None:
             return
         sent, seq = st.sent, msg.seq
-        while sent and sent[0][0] < seq:
-            sent.popleft()
+        while sent and sent[0][0] < seq:  # fed with a later chunk and answered with it
+            res.rtt.append(t - sent.popleft()[1])
+            res.chunks_coalesced += 1
         if sent and sent[0][0] == seq:
             res.rtt.append(t - sent.popleft()[1])
             res.partials_matched += 1
@@ -346,6 +349,7 @@ def run_fleet(
         "final_after_finish_ms": summarize(res.final_after_finish, 1000),
         "chunks_sent": n,
         "partials_matched": res.partials_matched,
+        "chunks_coalesced": res.chunks_coalesced,
         "streams_started": res.streams_started,
         "streams_unclosed": res.streams_unclosed,
         "connect_failures": res.connect_failures,

@@ -5,8 +5,10 @@ staggered over ``--ramp``) for ``--duration`` seconds; when its file ends the st
 and a new one starts on the next chunk slot (``--mode restart``), or the file simply repeats on
 the same stream (``--mode loop``). Measured, all on the monotonic clock:
 
-- chunk round trip: an ``Audio`` chunk sent -> the ``Partial`` whose ``seq`` is that chunk's
-  (with the null backend, ``interim_ms = 0`` and ``--no-vad``, every chunk gets one);
+- chunk round trip: an ``Audio`` chunk sent -> the first ``Partial`` whose ``seq`` is that
+  chunk's or later (with ``interim_ms = 0`` and ``--no-vad`` every chunk gets one, or is covered
+  by a later one when the recognizer fed several chunks at once: those count as ``coalesced``,
+  with their own, longer, wait; with VAD on, chunks of silence get no partial and are skipped);
 - final latency: ``Speech(end)`` received -> ``Final`` received (VAD cut), and ``Finish``
   sent -> ``Final`` received (end of a file);
 - daemon CPU per chunk: CPU time of the asrd processes over the run / chunks sent;
@@ -124,6 +126,7 @@ class GenResult:
     audio_s_sent: float = 0.0
     partials: int = 0
     partials_matched: int = 0
+    chunks_coalesced: int = 0  # answered by a later chunk's partial
     finals: int = 0
     streams_started: int = 0
     streams_closed: int = 0
@@ -142,6 +145,7 @@ class GenResult:
             "audio_s_sent",
             "partials",
             "partials_matched",
+            "chunks_coalesced",
             "finals",
             "streams_started",
             "streams_closed",
@@ -171,9 +175,10 @@ class _Stream:
 
 
 class _Conn:
-    def __init__(self, client: AsyncClient, res: GenResult) -> None:
+    def __init__(self, client: AsyncClient, res: GenResult, count_covered: bool) -> None:
         self.client = client
         self.res = res
+        self.count_covered = count_covered  # VAD off: every chunk is fed to the recognizer
         self.streams: dict[str, _Stream] = {}
         self.alive = True
         self.closing = False  # we are closing it: the end of the connection is expected
@@ -182,6 +187,7 @@ class _Conn:
         """Dispatch everything the daemon sends, timed at the socket read that brought it."""
         res = self.res
         client = self.client
+        count_covered = self.count_covered
         try:
             async for msg in client:
                 t = client.last_rx
@@ -194,7 +200,10 @@ class _Conn:
                     seq = msg.seq  # type: ignore[union-attr]
                     sent = st.sent
                     while sent and sent[0][0] < seq:
-                        sent.popleft()  # covered by this partial but not its own seq
+                        sent_t = sent.popleft()[1]  # covered by this partial
+                        if count_covered:  # VAD off: it was fed and answered with this one
+                            res.rtt.append(t - sent_t)
+                            res.chunks_coalesced += 1
                     if sent and sent[0][0] == seq:
                         res.rtt.append(t - sent.popleft()[1])
                         res.partials_matched += 1
@@ -323,7 +332,7 @@ async def _connect_all(cfg: GenConfig, res: GenResult) -> dict[int, _Conn]:
             return i, None
         if res.welcome is None and client.welcome is not None:
             res.welcome = msgspec.to_builtins(client.welcome)
-        return i, _Conn(client, res)
+        return i, _Conn(client, res, not cfg.vad)
 
     pairs = await asyncio.gather(*(one(i) for i in cfg.connections))
     return {i: c for i, c in pairs if c is not None}
@@ -664,6 +673,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             "audio_s_sent": round(res.audio_s_sent, 1),
             "partials": res.partials,
             "partials_matched": res.partials_matched,
+            "chunks_coalesced": res.chunks_coalesced,
             "finals": res.finals,
             "streams_started": res.streams_started,
             "streams_closed": res.streams_closed,
@@ -716,7 +726,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"chunks sent {r['chunks_sent']} ({r['audio_s_sent']:g} s of audio), partials "
-        f"{r['partials']} ({r['partials_matched']} matched to their chunk), finals {r['finals']}",
+        f"{r['partials']} ({r['partials_matched']} matched to their chunk, "
+        f"{r.get('chunks_coalesced', 0)} chunks answered by a later one), finals {r['finals']}",
         f"streams started {r['streams_started']}, closed {r['streams_closed']}, "
         f"unclosed {r['streams_unclosed']}; connect failures {r['connect_failures']}",
         "errors: " + (", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "none"),

@@ -250,6 +250,7 @@ def load_step(
         "final_after_finish_ms": r["final_after_finish_ms"],
         "chunks_sent": r["chunks_sent"],
         "partials_matched": r["partials_matched"],
+        "chunks_coalesced": r["chunks_coalesced"],
         "streams_started": r["streams_started"],
         "streams_unclosed": r["streams_unclosed"],
         "connect_failures": r["connect_failures"],
