@@ -657,6 +657,17 @@ def capacity_main(argv: list[str] | None = None) -> int:
             except (TimeoutError, RuntimeError) as exc:
                 print(f"bench capacity: {backend}: the daemon failed: {exc}", file=sys.stderr)
                 results.append({"backend": backend, "error": str(exc), "steps": []})
+    if "embedded" in backends:
+        from bench import recognizer_floor
+
+        print("[bench capacity] pocketsphinx alone", file=sys.stderr, flush=True)
+        embedded_target = args.embedded_target_p99_ms or args.target_p99_ms
+        recognizer = recognizer_floor.sweep(
+            2, 1 if args.smoke else args.embedded_max, args.duration, embedded_target
+        )
+        for r in results:
+            if r["backend"] == "embedded":
+                r["recognizer_floor"] = recognizer
     metrics = {
         f"{r['backend']}.capacity_streams": metric(
             r.get("capacity_streams"), "streams", "pipeline_unpinned_p50_us", "higher"
@@ -697,6 +708,10 @@ def capacity_main(argv: list[str] | None = None) -> int:
             f"capacity: {r['capacity_streams']} real-time streams with p99 <= "
             f"{r['target_p99_ms']:g} ms and no errors{more}\n"
         )
+        if r.get("recognizer_floor"):
+            from bench.recognizer_floor import table
+
+            print(table(r["recognizer_floor"]) + "\n")
     print(floor_table(floor))
     print(f"report: {out}")
     return 1 if any(r.get("error") for r in results) else 0

@@ -1,21 +1,30 @@
 """Infer worker: drains its lane's audio ring, runs the recognizer, pushes partials and finals.
 
-Threading model: one thread, one loop. It sleeps in ``poll()`` on the audio ring's wake-up
+Threading model: one loop thread. It sleeps in ``poll()`` on the audio ring's wake-up
 descriptor (and, while the result ring is full, on the result ring's space wake-up), with a
-timeout of ``heartbeat_interval_s`` so that it beats even when idle. A backend may spread one
-batch's audio over threads of its own (the embedded backend's decoding threads, Triton's
-concurrent requests); the loop waits for the batch to finish.
+timeout of ``heartbeat_interval_s`` so that it beats even when idle. Two ways to decode:
 
-Liveness: the heartbeat (one monotonic timestamp) is written after every recognizer call (each
-batch's feed, each utterance's begin and end) and every poll, so a beat older than
-``heartbeat_timeout_s`` means one recognizer call has been stuck that long (the supervisor then
-kills and replaces the worker); the counters are published at most every
-``PUBLISH_INTERVAL_S`` and before every sleep. A record of 100 ms of audio costs about 15 ms of
-pocketsphinx.
+* passes (Triton, null, an embedded backend with one thread): the audio of a batch of records
+  goes to ``Backend.feed_many`` at once; the backend may spread it over threads of its own
+  (Triton's concurrent requests) and the loop waits for the batch, and for each ``end``;
+* pipelined (a backend with ``parallel_streams`` of 2 or more: the embedded backend's decoding
+  threads): every recognizer call but ``begin`` is a job on :mod:`workers.decoding`'s threads,
+  one stream's in order, as its audio arrives; the loop also polls their eventfd and turns
+  finished jobs into partials and finals. Each utterance then has a backend key of its own, so
+  a stream's next utterance can begin while its last one's end is still queued.
+
+Liveness: the heartbeat (one monotonic timestamp) is written after every recognizer call on
+the loop's thread and every poll, and is never newer than the start of the oldest running
+decoding job, so a beat older than ``heartbeat_timeout_s`` means one recognizer call has been
+stuck that long (the supervisor then kills and replaces the worker); the counters are published
+at most every ``PUBLISH_INTERVAL_S`` and before every sleep. A record of 100 ms of audio costs
+about 15-35 ms of pocketsphinx.
 
 Limits: records are handled in batches of at most ``BATCH`` so partials and heartbeats are not
 starved by a deep ring; utterances beyond the backend's decoder bound wait (their audio is
-kept) until a decoder frees up. SIGTERM ends the loop after the current batch.
+kept) until a decoder frees up. SIGTERM ends the loop after the current batch; pipelined, calls
+still queued then are dropped (the supervisor stops an infer worker after its lane's ingress
+has drained its streams).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from ipc.shm import is_stale_segment, triton_region_name
 from workers.backends import create_backend
 from workers.backends.base import Backend, BackendBusy, BackendUnavailable, Transcript
 from workers.common import LaneWorker, parent_alive, read_live_config, setup_process
+from workers.decoding import CANCEL, END, FEED, PARTIAL, Finished, Job, Jobs
 from workers.faults import FaultInjector
 from workers.spec import WorkerSpec, load_spec
 
@@ -53,8 +63,10 @@ class Utterance:
     key: int
     number: int
     interim_ms: int
+    bkey: int = -1  # the backend's key: the stream's, or (pipelined) the utterance's own
     started: bool = False  # holds a decoder
     ended: bool = False  # END seen while still waiting for a decoder
+    dropped: bool = False  # cancelled or failed: results of its queued jobs are not sent
     audio_seq: int = -1
     last_partial_at: float = 0.0
     last_partial: str = ""
@@ -90,6 +102,10 @@ class InferWorker(LaneWorker):
                 on_progress=self.beat,
             )
         self.backend = backend
+        self.jobs: Jobs[Utterance] | None = None
+        if backend.parallel_streams >= 2:
+            self.jobs = Jobs(self.run_job, backend.parallel_streams)
+        self._next_bkey = 0
         self._enc = msgspec.msgpack.Encoder()
         self._begin_dec = msgspec.msgpack.Decoder(rec.UtteranceBegin)
         self._results_pushed = False
@@ -105,6 +121,8 @@ class InferWorker(LaneWorker):
         log.info("serving with the %s backend", self.backend.name)
         poller = select.poll()
         poller.register(self.audio_data.fileno(), select.POLLIN)
+        if self.jobs is not None:
+            poller.register(self.jobs.fileno(), select.POLLIN)
         last_parent_check = time.monotonic()
         timeout_ms = int(self.heartbeat_interval * 1000)
         while not self.stopping:
@@ -112,6 +130,8 @@ class InferWorker(LaneWorker):
             if self.reload_requested:
                 self.reload()
             self.backend.maintain()
+            if self.jobs is not None:
+                self.collect_jobs()
             if not records:
                 self.emit_partials()
                 self.flush_signal()
@@ -163,12 +183,20 @@ class InferWorker(LaneWorker):
 
     def beat(self) -> None:
         """Proof of progress: cheap enough for every record."""
-        self.slot.beat(time.monotonic())
+        self.slot.beat(self._progress())
+
+    def _progress(self) -> float:
+        now = time.monotonic()
+        if self.jobs is not None:
+            oldest = self.jobs.oldest_start()
+            if oldest is not None and oldest < now:
+                return oldest
+        return now
 
     def publish(self) -> None:
         """The heartbeat and every counter."""
-        self.published_at = now = time.monotonic()
-        self.slot.beat(now)
+        self.published_at = time.monotonic()
+        self.slot.beat(self._progress())
         c = self.counters
         c["active_utterances"] = self.backend.active()
         c["waiting_utterances"] = len(self.waiting)
@@ -178,6 +206,8 @@ class InferWorker(LaneWorker):
         self.slot.publish(list(c.values()))
 
     def close(self) -> None:
+        if self.jobs is not None:
+            self.jobs.close()
         self.backend.close()
         self.close_lane()
 
@@ -222,7 +252,7 @@ class InferWorker(LaneWorker):
             old = self.utterances.pop(r.key, None)
             if old is not None:
                 self.drop(old)
-            started = Utterance(r.key, r.seq, begin.interim_ms)
+            started = Utterance(r.key, r.seq, begin.interim_ms, self.backend_key(r.key))
             self.utterances[r.key] = started
             c["utterances"] += 1
             self.try_start(started)
@@ -253,6 +283,7 @@ class InferWorker(LaneWorker):
         c = self.counters
         utterances = self.utterances
         feeds = self.feeds
+        jobs = self.jobs
         for key, seq, pcm in chunks:
             u = utterances.get(key)
             if u is None:
@@ -261,7 +292,10 @@ class InferWorker(LaneWorker):
             c["audio_bytes"] += len(pcm)
             u.audio_seq = seq
             if u.started:
-                feeds.setdefault(key, []).append(pcm)
+                if jobs is not None:
+                    jobs.submit(key, Job(FEED, u, [pcm], seq))
+                else:
+                    feeds.setdefault(key, []).append(pcm)
             else:
                 u.waiting_audio.append(pcm)
 
@@ -288,9 +322,16 @@ class InferWorker(LaneWorker):
             elif u.interim_ms >= 0:
                 self.due[key] = u
 
+    def backend_key(self, key: int) -> int:
+        """The stream's key; pipelined, one per utterance (its last may not have ended yet)."""
+        if self.jobs is None:
+            return key
+        self._next_bkey += 1
+        return self._next_bkey
+
     def try_start(self, u: Utterance) -> bool:
         try:
-            self.backend.begin(u.key)
+            self.backend.begin(u.bkey)
         except BackendBusy:
             if u not in self.waiting:
                 self.waiting.append(u)
@@ -299,11 +340,14 @@ class InferWorker(LaneWorker):
             self.fail(u, exc)
             return False
         u.started = True
-        if u.waiting_audio:
+        if u.waiting_audio and self.jobs is not None:
+            audio, u.waiting_audio = u.waiting_audio, []
+            self.jobs.submit(u.key, Job(FEED, u, audio, u.audio_seq))
+        elif u.waiting_audio:
             audio, u.waiting_audio = u.waiting_audio, []
             try:
                 for pcm in audio:
-                    self.backend.feed(u.key, pcm)
+                    self.backend.feed(u.bkey, pcm)
             except Exception as exc:
                 self.fail(u, exc)
                 return False
@@ -325,14 +369,22 @@ class InferWorker(LaneWorker):
                 self.waiting.popleft()
 
     def finish(self, u: Utterance) -> None:
+        if self.jobs is not None:  # its final comes from collect_jobs
+            self._forget(u)
+            self.jobs.submit(u.key, Job(END, u))
+            return
         t0 = time.perf_counter()
         try:
-            transcript: Transcript = self.backend.end(u.key)
+            transcript: Transcript = self.backend.end(u.bkey)
         except Exception as exc:
             self.fail(u, exc)
             return
         self.counters["decode_us"] += int((time.perf_counter() - t0) * 1e6)
-        self.utterances.pop(u.key, None)
+        self._forget(u)
+        self.push_final(u, transcript)
+        self.start_waiting()
+
+    def push_final(self, u: Utterance, transcript: Transcript) -> None:
         words = (
             [rec.WordResult(w.word, w.start_ms, w.end_ms, w.confidence) for w in transcript.words]
             if transcript.words is not None
@@ -341,17 +393,26 @@ class InferWorker(LaneWorker):
         payload = self._enc.encode(rec.FinalResult(transcript.text, words, transcript.confidence))
         self.push_result(rec.FINAL, u.key, u.number, payload)
         self.counters["finals"] += 1
-        self.start_waiting()
+
+    def _forget(self, u: Utterance) -> None:
+        if self.utterances.get(u.key) is u:  # not a later utterance of the stream
+            del self.utterances[u.key]
 
     def drop(self, u: Utterance) -> None:
+        u.dropped = True
+        self._forget(u)
+        if u.started and self.jobs is not None:
+            # Its queued audio is not decoded; its decoder is released when the cancel has run.
+            self.jobs.discard(u.key, u)
+            self.jobs.submit(u.key, Job(CANCEL, u))
+            return
         if u.started:
             try:
-                self.backend.cancel(u.key)
+                self.backend.cancel(u.bkey)
             except Exception:
                 log.exception("cancel of stream %x failed", u.key)
         elif u in self.waiting:
             self.waiting.remove(u)
-        self.utterances.pop(u.key, None)
         self.start_waiting()
 
     def fail(self, u: Utterance, exc: Exception) -> None:
@@ -370,6 +431,76 @@ class InferWorker(LaneWorker):
         payload = self._enc.encode(error)
         self.push_result(rec.FAILED, u.key, u.number, payload)
 
+    # --- pipelined decoding ---------------------------------------------------------------------
+    def run_job(self, job: Job[Utterance]) -> str | Transcript | None:
+        """On a decoding thread: one recognizer call of ``job``'s utterance. A feed returns the
+        partial when the utterance wants one now (None when it is throttled)."""
+        u = job.target
+        backend = self.backend
+        kind = job.kind
+        if kind == FEED:
+            chunks = job.chunks
+            backend.feed(u.bkey, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            if u.interim_ms < 0 or time.monotonic() - u.last_partial_at < u.interim_ms / 1000:
+                return None
+            return backend.partial(u.bkey)
+        if kind == PARTIAL:
+            return backend.partial(u.bkey)
+        if kind == END:
+            return backend.end(u.bkey)
+        backend.cancel(u.bkey)
+        return None
+
+    def collect_jobs(self) -> None:
+        """Finished decoding jobs become partials, finals and failures."""
+        assert self.jobs is not None
+        finished = self.jobs.collect()
+        if not finished:
+            return
+        c = self.counters
+        batch: list[rec.BatchedPartial] = []
+        for f in finished:
+            c["decode_us"] += int(f.seconds * 1e6)
+            kind = f.job.kind
+            if kind in (END, CANCEL):
+                self._ended(f)
+                continue
+            u = f.job.target
+            if u.dropped:
+                continue
+            if f.error is not None:  # a recognizer failure ends this utterance only
+                self.fail(u, f.error)
+                continue
+            if self.utterances.get(u.key) is not u:
+                continue  # ended: its final follows
+            text = f.result
+            if text is None:  # throttled: emit_partials asks again when it is due
+                self.due[u.key] = u
+                continue
+            self.due.pop(u.key, None)
+            u.last_partial_at = time.monotonic()
+            if text == u.last_partial and u.interim_ms > 0:
+                continue
+            u.last_partial = text
+            batch.append(rec.BatchedPartial(u.key, u.number, text, f.job.seq))
+        if batch:
+            self.push_partials(batch)
+            c["partials"] += len(batch)
+        self.beat()
+
+    def _ended(self, f: Finished[Utterance]) -> None:
+        u = f.job.target
+        if f.job.kind == CANCEL:
+            if f.error is not None:
+                log.error("cancel of stream %x failed: %s", u.key, f.error)
+        elif u.dropped:
+            pass
+        elif f.error is not None:
+            self.fail(u, f.error)
+        else:
+            self.push_final(u, f.result)
+        self.start_waiting()  # a decoder came free
+
     # --- partials -------------------------------------------------------------------------------
     def emit_partials(self) -> None:
         if not self.due:
@@ -384,9 +515,12 @@ class InferWorker(LaneWorker):
             if now - u.last_partial_at < u.interim_ms / 1000.0:
                 continue
             del self.due[key]
+            if self.jobs is not None:  # the decoder may be busy: ask on the stream's thread
+                self.jobs.submit(key, Job(PARTIAL, u, seq=u.audio_seq))
+                continue
             u.last_partial_at = now
             try:
-                text = self.backend.partial(u.key)
+                text = self.backend.partial(u.bkey)
             except Exception as exc:
                 log.warning("partial of stream %x failed: %s", u.key, exc)
                 continue

@@ -55,6 +55,10 @@ class Backend(ABC):
     """One recognizer; see the module docstring for the call sequence and threading model."""
 
     name: str
+    # Streams whose calls may run on separate threads at once, without the GIL between them;
+    # at 2 or more the infer worker decodes each stream as its audio arrives
+    # (workers.decoding) instead of in passes over feed_many.
+    parallel_streams: int = 1
 
     @abstractmethod
     def begin(self, key: int) -> None:

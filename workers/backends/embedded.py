@@ -23,11 +23,14 @@ word was recognised.
 
 Threading model: see :mod:`workers.backends.base`; a lock guards the pool, and decoders are
 created outside it. Decoders are pocketsphinx's C API through :mod:`workers.backends.sphinx`,
-which runs without the GIL: ``feed_many`` decodes the streams of one infer pass on up to
-``EmbeddedConfig.threads`` threads at once (each stream's decoder on one thread; the caller
-waits for all), so a lane whose streams need more than one core gets more. One stream, or
-``threads = 1``, decodes on the caller's thread. Cost (thread CPU time on the 2-core dev VM, on
-the shared speech): ``feed`` of 100 ms takes 15-50 ms (the VM's speed varies that much);
+which runs without the GIL, so a lane whose streams need more than one core gets more:
+``parallel_streams`` (``EmbeddedConfig.threads``) tells the infer worker to call each stream
+from its own decoding threads as its audio arrives (:mod:`workers.decoding`); ``feed_many``
+(the Triton backend's embedded fallback) decodes one pass's streams on up to that many threads
+at once and waits for all. One stream, or ``threads = 1``, decodes on the caller's thread.
+
+Cost (thread CPU time on the 2-core dev VM, on the shared speech): ``feed`` of 100 ms takes
+15-50 ms (the VM's speed varies that much; single blocks up to 140 ms where the search widens);
 ``partial`` next to nothing (``feed`` keeps the hypothesis current); ``end`` 10-150 ms with
 ``fwdflat`` off (the default), about 0.25 s with pocketsphinx's second, flat-lexicon pass over
 the whole utterance; ``begin`` 0.3 ms with a free decoder, 0.25-0.5 s when it must create one.
@@ -150,6 +153,7 @@ class EmbeddedBackend(Backend):
         self._decoders = 0  # created (or being created) and not dropped
         self._frame_ms = 10
         self._threads = decode_threads(config)
+        self.parallel_streams = self._threads
         self._pool: ThreadPoolExecutor | None = None  # started at the first parallel feed
         self._closed = False
         self._ended = 0
