@@ -114,6 +114,13 @@ def test_smoke_run(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     # Every report compares with itself: nothing regressed.
     assert compare.main([str(out), str(out)]) == 0
 
+    if name == "capacity":  # pocketsphinx alone, beside the embedded backend's steps
+        (embedded,) = [r for r in report["results"] if r["backend"] == "embedded"]
+        recognizer = embedded["recognizer_floor"]
+        assert [r["streams"] for r in recognizer["steps"]] == [1]
+        assert recognizer["steps"][0]["chunks"] > 0 and recognizer["single_stream_rtf"] > 0
+        assert "pocketsphinx alone" in printed
+
     if name == "profile":  # every worker was sampled, and its raw stacks were kept
         roles = report["profiles"]
         # 200 streams on 20 connections load both lanes: their workers were sampled busy.
