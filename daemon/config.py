@@ -143,9 +143,6 @@ class IoConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # needs the optional liburing binding and a kernel and sysctl that allow it (checked at
     # start, docs/platform.md).
     backend: Literal["auto", "epoll", "io_uring"] = "auto"
-    # Least time between two wake-ups of an ingress worker's loop (0 = wake for every event):
-    # writes and results that come sooner wait and share one wake-up (workers/wake_pacing.py).
-    wake_interval_us: Annotated[int, Meta(ge=0, le=10000)] = 0
 
 
 class FaultsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

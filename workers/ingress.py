@@ -48,7 +48,6 @@ from workers.common import LaneWorker, parent_alive, read_live_config, setup_pro
 from workers.faults import FaultInjector
 from workers.spec import WorkerSpec, load_spec
 from workers.vad import SpeechAudio, SpeechEnd, SpeechStart, StreamVad
-from workers.wake_pacing import PacedSelector
 
 log = logging.getLogger("asrd.ingress")
 
@@ -956,12 +955,7 @@ def main() -> int:
     except Exception:
         log.exception("ingress worker failed to start")
         return 70
-    interval_us = spec.config.io.wake_interval_us
-    if not interval_us:
-        return asyncio.run(ingress.serve())
-    selector = PacedSelector(interval_us / 1e6)
-    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
-        return runner.run(ingress.serve())
+    return asyncio.run(ingress.serve())
 
 
 if __name__ == "__main__":
