@@ -183,6 +183,47 @@ def test_concurrent_streams_get_their_own_text(start_daemon: Start) -> None:
     assert len(set(alone.values())) == len(alone)
 
 
+@pytest.mark.timeout(120)
+def test_pipelined_decoding_waits_for_a_decoder_and_frees_it(start_daemon: Start) -> None:
+    """One lane, one decoder, two decoding threads: the second of two concurrent utterances
+    waits for the decoder (its audio kept) and both transcripts equal a direct decode; a
+    client that vanishes mid-utterance gives the decoder back."""
+    from daemon.config import Config
+    from workers.backends.embedded import transcribe_direct
+
+    samples = Path(__file__).resolve().parent.parent / "samples"
+    pcms = {name: read_wav(samples / f"{name}.wav") for name in ("coffee", "how_are_you")}
+    expected = {
+        name: transcribe_direct(pcm, Config().backend.embedded) for name, pcm in pcms.items()
+    }
+    daemon = start_daemon(
+        "lanes = 1\n[backend.embedded]\ndecoders = 1\nmax_decoders = 1\nthreads = 2\n"
+    )
+    with Client.connect(daemon.socket_path) as c:
+        for name in pcms:
+            c.start(name, vad=NO_VAD, wait=True)
+        for i in range(0, max(len(pcm) for pcm in pcms.values()), 3200):
+            for name, pcm in pcms.items():
+                if i < len(pcm):
+                    c.send_audio(name, pcm[i : i + 3200])
+        for name in pcms:
+            c.finish(name)
+        for name in pcms:
+            msgs = collect(c, name, timeout=60)
+            assert isinstance(msgs[-1], p.Closed), msgs[-1]
+            assert [m.text for m in msgs if isinstance(m, p.Final)] == [expected[name]]
+
+        gone = Client.connect(daemon.socket_path)
+        gone.start("gone", vad=NO_VAD, wait=True)
+        gone.send_audio("gone", pcms["coffee"][:32000])
+        gone.close()
+        finals = c.transcribe(pcms["how_are_you"], stream="after", vad=NO_VAD, timeout=60)
+        assert [f.text for f in finals] == [expected["how_are_you"]]
+    wait_until(
+        lambda: status(daemon).totals["infer.active_utterances"] == 0, 10, "no open utterance"
+    )
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 
