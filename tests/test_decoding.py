@@ -60,7 +60,7 @@ def jobs(gate: Gate) -> Iterator[Jobs[str]]:
     yield j
     for target in list(gate.release):
         gate.open(target)
-    j.close()
+    assert j.close()
 
 
 def collect_until(jobs: Jobs[str], count: int) -> list[Finished[str]]:
@@ -170,7 +170,7 @@ def test_oldest_start_is_the_longest_running_job(gate: Gate) -> None:
         collect_until(j, 1)
         assert j.oldest_start() is None
     finally:
-        j.close()
+        assert j.close()
 
 
 def test_close_does_not_wait_forever_for_a_stuck_call(gate: Gate) -> None:
@@ -179,7 +179,7 @@ def test_close_does_not_wait_forever_for_a_stuck_call(gate: Gate) -> None:
     gate.wait_started("stuck")
     j.submit(2, Job(FEED, "never", [b""], 1))
     t0 = time.monotonic()
-    j.close(timeout=0.2)
+    assert not j.close(timeout=0.2)  # the stuck call is still running
     assert time.monotonic() - t0 < WAIT / 2
     gate.open("stuck")
     assert ("start", "never", FEED) not in gate.log  # queued jobs are dropped at close

@@ -141,7 +141,8 @@ class Jobs(Generic[T]):
         with self._cond:
             return min(self._running.values(), default=None)
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop the threads; False when a call was still running at the timeout."""
         with self._cond:
             self._closing = True
             self._ready.clear()
@@ -151,9 +152,11 @@ class Jobs(Generic[T]):
             t.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
             # A thread still in a call may yet write the eventfd: keep it open then.
-            if self._fd >= 0 and not any(t.is_alive() for t in self._threads):
+            stopped = not any(t.is_alive() for t in self._threads)
+            if self._fd >= 0 and stopped:
                 os.close(self._fd)
                 self._fd = -1
+        return stopped
 
     def _serve(self) -> None:
         cond = self._cond

@@ -206,8 +206,12 @@ class InferWorker(LaneWorker):
         self.slot.publish(list(c.values()))
 
     def close(self) -> None:
-        if self.jobs is not None:
-            self.jobs.close()
+        if self.jobs is not None and not self.jobs.close():
+            # A recognizer call is still running: freeing its decoder under it could crash the
+            # process on its way out, so leave the decoders to the exit.
+            log.error("a decoding call did not return within 5 s of shutdown")
+            self.close_lane()
+            return
         self.backend.close()
         self.close_lane()
 
