@@ -84,18 +84,15 @@ def test_streams_run_at_once_and_each_stream_in_order(gate: Gate, jobs: Jobs[str
     # feed although no thread is free for it anyway.
     gate.wait_started("a")
     gate.wait_started("b")
-    assert jobs.busy(1) and jobs.busy(2) and jobs.pending() == 2
     gate.open("b")
     done = collect_until(jobs, 1)
     assert [f.result for f in done] == ["b:feed:x"] and done[0].error is None
-    assert not jobs.busy(2)
     # A thread is free now, but stream 1's END still waits for its running feed.
     assert ("start", "a", END) not in gate.log
     gate.open("a")
     done = collect_until(jobs, 2)
     assert [f.result for f in done] == ["a:feed:1", "a:end:"]
     assert gate.log.index(("end", "a", FEED)) < gate.log.index(("start", "a", END))
-    assert jobs.pending() == 0
 
 
 def test_audio_for_a_busy_stream_joins_its_queued_feed(gate: Gate, jobs: Jobs[str]) -> None:
@@ -142,11 +139,13 @@ def test_discard_of_every_queued_job_frees_the_stream(gate: Gate) -> None:
         gate.wait_started("a")
         blocker.submit(2, Job(FEED, "b", [b"2"], 1))  # queued: the only thread is busy
         assert blocker.discard(2, "b") == 1
-        assert not blocker.busy(2)
         gate.open("a")
         gate.open("b")
-        done = collect_until(blocker, 1)
-        assert [f.job.target for f in done] == ["a"] and blocker.pending() == 0
+        assert [f.job.target for f in collect_until(blocker, 1)] == ["a"]
+        # The emptied stream is not served (that would fail the thread); later jobs run.
+        blocker.submit(2, Job(FEED, "c", [b"3"], 2))
+        gate.open("c")
+        assert [f.result for f in collect_until(blocker, 1)] == ["c:feed:3"]
     finally:
         blocker.close()
 

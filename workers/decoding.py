@@ -120,14 +120,6 @@ class Jobs(Generic[T]):
                     self._ready.remove(stream)
             return dropped
 
-    def busy(self, stream: int) -> bool:
-        """Whether ``stream`` has a job queued or running."""
-        return stream in self._queues
-
-    def pending(self) -> int:
-        """Streams with a job queued or running."""
-        return len(self._queues)
-
     def collect(self) -> list[Finished[T]]:
         """Jobs finished since the last call, in the order they finished."""
         with contextlib.suppress(BlockingIOError):
