@@ -150,8 +150,9 @@ class FaultsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     # "none", or what the chosen worker does once it has handled after_records ring records:
     # "crash" (SIGKILL itself), "hang" (a busy loop: no heartbeat), "slow" (sleep slow_ms per
-    # record from then on), "corrupt" (push one record with a garbage payload).
-    action: Literal["none", "crash", "hang", "slow", "corrupt"] = "none"
+    # record from then on), "corrupt" (push one record with a garbage payload), "stall" (infer:
+    # the next recognizer call never returns, without holding Python's lock).
+    action: Literal["none", "crash", "hang", "slow", "corrupt", "stall"] = "none"
     worker: Literal["ingress", "infer"] = "infer"
     lane: Annotated[int, Meta(ge=0, le=255)] = 0
     after_records: Annotated[int, Meta(ge=0)] = 0

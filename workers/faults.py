@@ -10,7 +10,10 @@ passes ``after_records``:
 * ``hang``: spin in a busy loop, making no progress and writing no heartbeat (the supervisor's
   SIGABRT then makes faulthandler print this frame);
 * ``slow``: sleep ``slow_ms`` before every record from then on (a slow consumer or producer);
-* ``corrupt``: hand the worker's next outgoing record a garbage payload (once).
+* ``corrupt``: hand the worker's next outgoing record a garbage payload (once);
+* ``stall`` (infer worker): its next recognizer call never returns, sleeping without Python's
+  lock as a native call stuck in a driver or a model would; on a decoding thread the worker's
+  loop keeps running, so only the heartbeat's tie to the oldest running call shows it.
 
 The hooks cost one integer compare per record when faults are off.
 """
@@ -37,6 +40,7 @@ class FaultInjector:
         self.slow_s = config.slow_ms / 1000.0
         self.count = 0
         self._corrupt_pending = False
+        self._stall_pending = False
         if self.action != "none":
             log.warning(
                 "fault injection: %s after %d records (this worker: %s lane %d)",
@@ -48,7 +52,7 @@ class FaultInjector:
 
     @property
     def enabled(self) -> bool:
-        return self.action != "none" or self._corrupt_pending
+        return self.action != "none" or self._corrupt_pending or self._stall_pending
 
     def record(self) -> None:
         """Called for each record the worker handles."""
@@ -69,6 +73,17 @@ class FaultInjector:
             self.action = "none"
             self._corrupt_pending = True
             log.warning("fault injection: corrupting the next outgoing record")
+        elif action == "stall":
+            self.action = "none"
+            self._stall_pending = True
+
+    def recognizer_call(self) -> None:
+        """Called before a recognizer call: once a ``stall`` fired, this one never returns."""
+        if self._stall_pending:
+            self._stall_pending = False
+            log.warning("fault injection: stalling in a recognizer call now")
+            while True:
+                time.sleep(3600)  # lock released: the worker's other threads run on
 
     def payload(self, payload: bytes) -> bytes:
         """The payload to push: garbage once after a ``corrupt`` fired."""

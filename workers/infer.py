@@ -313,6 +313,8 @@ class InferWorker(LaneWorker):
             (key, chunks[0] if len(chunks) == 1 else b"".join(chunks))
             for key, chunks in feeds.items()
         ]
+        if self.faults.enabled:
+            self.faults.recognizer_call()
         t0 = time.perf_counter()
         errors = self.backend.feed_many(items)
         self.counters["decode_us"] += int((time.perf_counter() - t0) * 1e6)
@@ -439,6 +441,8 @@ class InferWorker(LaneWorker):
     def run_job(self, job: Job[Utterance]) -> str | Transcript | None:
         """On a decoding thread: one recognizer call of ``job``'s utterance. A feed returns the
         partial when the utterance wants one now (None when it is throttled)."""
+        if self.faults.enabled:
+            self.faults.recognizer_call()
         u = job.target
         backend = self.backend
         kind = job.kind

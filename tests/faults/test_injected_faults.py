@@ -14,6 +14,8 @@ What the client must see, per fault:
   still gets one final covering all of its audio, nothing dropped.
 * a corrupt result record: dropped with a log line; if it was a final, that utterance gets
   ``Error(inference_failed)`` naming the corruption; every other utterance its final.
+* a recognizer call stalled on a decoding thread (pipelined embedded decoding): the worker's
+  heartbeat goes stale although its loop runs, and it is replaced like a hung one.
 
 The null backend's finals say ``utterance of N ms``, so a final proves how much audio arrived.
 """
@@ -149,6 +151,32 @@ def test_infer_worker_hangs(start_daemon: Start) -> None:
     )
     for i in range(4):
         one_stream_works(daemon, f"after{i}")
+    assert daemon.stop() == 0
+
+
+def test_stalled_decoding_thread_makes_the_heartbeat_stale(start_daemon: Start) -> None:
+    """A recognizer call stuck on a decoding thread (pipelined embedded decoding): the
+    worker's loop keeps running, yet its heartbeat goes stale, so the supervisor replaces it."""
+    daemon = start_daemon(
+        "lanes = 1\nheartbeat_timeout_s = 3.0\n"
+        "[restart]\nbackoff_initial_s = 0.05\nabort_grace_s = 3.0\n"
+        "[backend.embedded]\nthreads = 2\n"
+        '[faults]\naction = "stall"\nworker = "infer"\nlane = 0\nafter_records = 3\n',
+        extra_env=ALLOW,
+    )
+    with Client.connect(daemon.socket_path, timeout=WAIT) as c:
+        c.start("a", 16000, vad=NO_VAD, wait=True, timeout=WAIT)
+        for _ in range(10):
+            c.send_audio("a", pcm_ms(100))
+        err = c.wait_for(lambda m: isinstance(m, p.Error), WAIT)
+        assert isinstance(err, p.Error) and err.code == p.ErrorCode.WORKER_RESTARTED, err
+    log = log_of(daemon)
+    assert "stalling in a recognizer call now" in log and "sent no heartbeat" in log
+    wait_until(lambda: "Fatal Python error: Aborted" in log_of(daemon), WAIT, "stack dump")
+    assert "workers/faults.py" in log_of(daemon)  # the decoding thread's stack: where it stalled
+    with Client.connect(daemon.socket_path, timeout=WAIT) as c:
+        finals = c.transcribe(pcm_ms(500), stream="after", vad=NO_VAD, timeout=WAIT)
+    assert len(finals) == 1  # silence: the text is empty, the final is there
     assert daemon.stop() == 0
 
 
