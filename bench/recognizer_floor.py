@@ -31,7 +31,9 @@ CHUNK_S = 0.1
 CHUNK_BYTES = 3200
 
 
-def _stream(index: int, k: int, duration: float, wav: str, start: Any, out: Any) -> None:
+def _stream(
+    index: int, k: int, duration: float, wav: str, ready: Any, start: Any, out: Any
+) -> None:
     from daemon.config import EmbeddedConfig
     from workers.backends.embedded import decoder_options
     from workers.backends.sphinx import SphinxDecoder
@@ -43,6 +45,7 @@ def _stream(index: int, k: int, duration: float, wav: str, start: Any, out: Any)
     decoder.reinit_feat()
     decoder.start_utt()
     latencies: list[float] = []
+    ready.release()
     start.wait()
     t0 = time.monotonic() + CHUNK_S * index / k
     cpu0 = time.thread_time()
@@ -71,15 +74,28 @@ def measure(k: int, duration: float) -> dict[str, Any]:
     if not wavs:
         raise RuntimeError("no 16 kHz WAV in samples/")
     ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Semaphore(0)
     start = ctx.Event()
     out = ctx.Queue()
     procs = [
-        ctx.Process(target=_stream, args=(i, k, duration, wavs[i % len(wavs)], start, out))
+        ctx.Process(target=_stream, args=(i, k, duration, wavs[i % len(wavs)], ready, start, out))
         for i in range(k)
     ]
     for p in procs:
         p.start()
-    time.sleep(0.5 + 0.3 * k)  # decoders load (0.25-0.5 s each) before the clock starts
+    # every decoder loaded (0.25-0.5 s of CPU each) before the clock starts
+    deadline = time.monotonic() + 60 + k
+    loaded = 0
+    while loaded < k:
+        if ready.acquire(timeout=0.5):
+            loaded += 1
+            continue
+        dead = sum(p.exitcode is not None for p in procs)
+        if dead or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            why = f"{dead} stream processes exited" if dead else f"not within {60 + k} s"
+            raise RuntimeError(f"pocketsphinx alone: {loaded} of {k} decoders loaded, {why}")
     start.set()
     results = []
     deadline = time.monotonic() + duration * 10 + 60
