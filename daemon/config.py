@@ -143,6 +143,10 @@ class IoConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # needs the optional liburing binding and a kernel and sysctl that allow it (checked at
     # start, docs/platform.md).
     backend: Literal["auto", "epoll", "io_uring"] = "auto"
+    # The ingress workers' event loop (the client sockets): "auto" = uvloop where it is
+    # installed (it is a dependency; measured cheaper per chunk, docs/performance.md), else
+    # asyncio's own; "uvloop" is refused at start where it cannot be imported.
+    client_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
 
 class FaultsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -113,6 +113,7 @@ def format_report(report: Report, config: Config) -> str:
             ("pinning", "on" if pl.pinning else "off", pl.pinning_reason),
             ("numa", "on" if pl.numa else "off", pl.numa_reason),
             ("io backend", pl.io_backend, pl.io_reason),
+            ("client loop", pl.client_loop, pl.client_loop_reason),
             (
                 "shared memory",
                 _mib(shm_bytes_needed(config, len(pl.lanes))),

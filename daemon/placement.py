@@ -23,6 +23,9 @@ do; ``auto`` falls back and says why.
 ``io.backend`` (``auto | epoll | io_uring``): ``auto`` is ``epoll`` (asyncio), the measured
 faster path (docs/platform.md); ``io_uring`` is refused at start unless the probe says usable.
 
+``io.client_loop`` (``auto | asyncio | uvloop``): the ingress workers' event loop; ``auto`` is
+uvloop where it can be imported, else asyncio's; ``uvloop`` is refused at start where it cannot.
+
 Lanes: ``lanes = "auto"`` is one lane per usable physical core with the bare-metal profile, one
 per usable CPU otherwise (usable: ``os.sched_getaffinity``, so a cgroup cpuset or ``taskset``
 narrower than the machine is honoured; isolated CPUs are not used unless they are all there is).
@@ -31,6 +34,7 @@ narrower than the machine is honoured; isolated CPUs are not used unless they ar
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Collection, Iterator
 from typing import Literal
@@ -58,6 +62,8 @@ class Plan(msgspec.Struct, kw_only=True):
     io_backend: Literal["epoll", "io_uring"]
     io_reason: str
     lanes: list[LanePlan]
+    client_loop: Literal["asyncio", "uvloop"]
+    client_loop_reason: str
     warnings: list[str] = msgspec.field(default_factory=list)
 
     def summary(self) -> str:
@@ -65,7 +71,7 @@ class Plan(msgspec.Struct, kw_only=True):
         numa = ", NUMA-aware" if self.numa else ""
         return (
             f"{self.profile} profile ({self.profile_reason}); {len(self.lanes)} lanes {pin}"
-            f"{numa}; io {self.io_backend}"
+            f"{numa}; io {self.io_backend}; client loop {self.client_loop}"
         )
 
 
@@ -109,6 +115,28 @@ def _cores_first(cpus: list[int], siblings: list[list[int]]) -> list[int]:
         rank[c] = seen.get(g, 0)
         seen[g] = rank[c] + 1
     return sorted(cpus, key=lambda c: (rank[c], c))
+
+
+def uvloop_available() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def _choose_client_loop(
+    config: Config, problems: list[str]
+) -> tuple[Literal["asyncio", "uvloop"], str]:
+    want = config.io.client_loop
+    if want == "asyncio":
+        return "asyncio", "io.client_loop = 'asyncio'"
+    if want == "uvloop":
+        if not uvloop_available():
+            problems.append(
+                "io.client_loop = 'uvloop': uvloop is not installed in this Python "
+                "(pip install uvloop); use 'auto' or 'asyncio'"
+            )
+        return "uvloop", "io.client_loop = 'uvloop'"
+    if uvloop_available():
+        return "uvloop", "auto: uvloop measured cheaper per chunk (docs/performance.md)"
+    return "asyncio", "auto: uvloop is not installed"
 
 
 def plan(config: Config, platform: Platform) -> Plan:
@@ -196,6 +224,8 @@ def plan(config: Config, platform: Platform) -> Plan:
         if io_state != "usable":
             io_reason += f"; io_uring is {io_state}"
 
+    client_loop, client_loop_reason = _choose_client_loop(config, problems)
+
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -222,6 +252,8 @@ def plan(config: Config, platform: Platform) -> Plan:
         io_backend=io_backend,
         io_reason=io_reason,
         lanes=lane_plans,
+        client_loop=client_loop,
+        client_loop_reason=client_loop_reason,
         warnings=warnings,
     )
 

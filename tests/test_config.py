@@ -187,6 +187,10 @@ def test_bom_is_tolerated() -> None:
             'log_level = "verbose"',
             'log_level = "verbose": must be one of "debug", "error", "info", "warning"',
         ),
+        (
+            'io.client_loop = "trio"',
+            'io.client_loop = "trio": must be one of "asyncio", "auto", "uvloop"',
+        ),
         ("vad.frame_ms = 15", "vad.frame_ms = 15: must be one of 10, 20, 30"),
         ('vad.frame_ms = "30"', 'vad.frame_ms = "30": must be one of 10, 20, 30'),
         # Literal or integer

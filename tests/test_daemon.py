@@ -247,8 +247,11 @@ def read_msgs(s: socket.socket, n: int) -> list[p.ServerMessage]:
 
 
 @pytest.mark.timeout(60)
-def test_every_bad_input_gets_its_error_and_others_keep_working(start_daemon: Start) -> None:
-    daemon = start_daemon(NULL)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_every_bad_input_gets_its_error_and_others_keep_working(
+    start_daemon: Start, loop: str
+) -> None:
+    daemon = start_daemon(NULL + f'[io]\nclient_loop = "{loop}"\n')
     good = Client.connect(daemon.socket_path)
     good.start("g", vad=NO_VAD, wait=True)
     good.send_audio("g", tone(0.2))
@@ -320,6 +323,8 @@ def test_every_bad_input_gets_its_error_and_others_keep_working(start_daemon: St
     good.close()
     # Counters are published with each heartbeat.
     wait_until(lambda: status(daemon).totals["ingress.bad_frames"] >= 4, 10, "bad_frames")
+    assert daemon.log_path is not None
+    assert f"accepting connections ({loop} event loop)" in daemon.log_path.read_text()
 
 
 # --- supervision ---------------------------------------------------------------------------------

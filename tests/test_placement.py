@@ -132,6 +132,26 @@ def test_io_uring_requested_where_disabled_is_a_config_error() -> None:
     assert auto.io_backend == "epoll" and "disabled by sysctl" in auto.io_reason
 
 
+def test_client_loop_is_uvloop_where_installed_and_uvloop_is_refused_where_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import daemon.placement as placement
+
+    p = tree("two_node_bare_metal")
+    monkeypatch.setattr(placement, "uvloop_available", lambda: True)
+    assert plan(cfg(), p).client_loop == "uvloop"
+    forced = plan(cfg('[io]\nclient_loop = "asyncio"'), p)
+    assert (forced.client_loop, forced.client_loop_reason) == (
+        "asyncio",
+        "io.client_loop = 'asyncio'",
+    )
+    monkeypatch.setattr(placement, "uvloop_available", lambda: False)
+    auto = plan(cfg(), p)
+    assert auto.client_loop == "asyncio" and "not installed" in auto.client_loop_reason
+    with pytest.raises(ConfigError, match=re.escape("io.client_loop = 'uvloop': uvloop is not")):
+        plan(cfg('[io]\nclient_loop = "uvloop"'), p)
+
+
 def test_pinning_on_where_not_linux_is_a_config_error() -> None:
     p = msgspec.structs.replace(
         tree("two_node_bare_metal"), supported=False, unsupported_reason="not Linux"

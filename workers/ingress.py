@@ -30,7 +30,7 @@ import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import numpy as np
@@ -38,6 +38,7 @@ import soxr
 
 from daemon.config import VadConfig, vad_with_overrides
 from daemon.errors import ConfigError
+from daemon.placement import uvloop_available
 from ipc import protocol as p
 from ipc import records as rec
 from ipc.framing import BadFrame, FrameReader, FrameTooLarge, FrameWriter
@@ -105,8 +106,8 @@ class Connection(asyncio.BufferedProtocol):
 
     # asyncio callbacks ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Duck-typed: uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -256,7 +257,7 @@ class Ingress(LaneWorker):
         self.push(rec.RESET, self.spec.generation, 0, b"")
         self.slot.set_state(WorkerState.RUNNING)
         heartbeat = asyncio.create_task(self.heartbeat())
-        log.info("accepting connections")
+        log.info("accepting connections (%s event loop)", loop_name(loop))
         self.on_results()  # results that arrived before we registered
         await self.stopped.wait()
         heartbeat.cancel()
@@ -947,6 +948,10 @@ class Ingress(LaneWorker):
         self.check_drained()
 
 
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 def main() -> int:
     spec = load_spec()
     setup_process(spec)
@@ -955,6 +960,12 @@ def main() -> int:
     except Exception:
         log.exception("ingress worker failed to start")
         return 70
+    choice = spec.config.io.client_loop
+    if choice == "uvloop" or (choice == "auto" and uvloop_available()):
+        # The supervisor refused an explicit "uvloop" it could not import, so this imports.
+        import uvloop
+
+        return uvloop.run(ingress.serve())
     return asyncio.run(ingress.serve())
 
 
