@@ -17,8 +17,9 @@ Liveness: the heartbeat (one monotonic timestamp) is written after every recogni
 the loop's thread and every poll, and is never newer than the start of the oldest running
 decoding job, so a beat older than ``heartbeat_timeout_s`` means one recognizer call has been
 stuck that long (the supervisor then kills and replaces the worker); the counters are published
-at most every ``PUBLISH_INTERVAL_S`` and before every sleep. A record of 100 ms of audio costs
-about 15-35 ms of pocketsphinx.
+every ``PUBLISH_INTERVAL_S`` while busy and at the latest that long after the loop went idle
+(under load the loop sleeps between records: publishing at each sleep cost more than the
+counters are worth). A record of 100 ms of audio costs about 15-35 ms of pocketsphinx.
 
 Limits: records are handled in batches of at most ``BATCH`` so partials and heartbeats are not
 starved by a deep ring; utterances beyond the backend's decoder bound wait (their audio is
@@ -135,9 +136,15 @@ class InferWorker(LaneWorker):
             if not records:
                 self.emit_partials()
                 self.flush_signal()
-                self.publish()
+                wait_ms = timeout_ms if not self.due else 10
+                unpublished = PUBLISH_INTERVAL_S - (time.monotonic() - self.published_at)
+                if unpublished <= 0:
+                    self.publish()
+                else:  # published moments ago, under load: again once the interval is up
+                    self.beat()
+                    wait_ms = min(wait_ms, 1 + int(unpublished * 1000))
                 if self.audio.prepare_sleep():
-                    woken = poller.poll(timeout_ms if not self.due else 10)
+                    woken = poller.poll(wait_ms)
                     self.audio.end_sleep()
                     if woken:
                         self.audio_data.drain()

@@ -124,12 +124,17 @@ class Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.reader.buffer_updated(nbytes)
         ingress = self.ingress
+        on_audio = ingress.on_audio
+        Audio = p.Audio
         try:
             for msg in self.reader:
                 if self.closing:
                     break
                 try:
-                    ingress.handle(self, msg)
+                    if type(msg) is Audio:  # most frames: straight to their handler
+                        on_audio(self, msg)
+                    else:
+                        ingress.handle(self, msg)
                 except Exception:
                     # A bug must cost one message, not the connection or the worker.
                     log.exception("failed to handle %s from %s", type(msg).__name__, self.peer)
@@ -420,9 +425,8 @@ class Ingress(LaneWorker):
 
     # --- client messages ------------------------------------------------------------------------
     def handle(self, conn: Connection, msg: p.ClientMessage | BadFrame) -> None:
-        if type(msg) is p.Audio:
-            self.on_audio(conn, msg)
-        elif isinstance(msg, BadFrame):
+        """Every message but Audio, which Connection.buffer_updated hands to on_audio."""
+        if isinstance(msg, BadFrame):
             self.counters["bad_frames"] += 1
             self.stream_error(conn, None, msg.code, msg.message)
         elif not conn.greeted:
@@ -836,12 +840,18 @@ class Ingress(LaneWorker):
         self.maybe_close(stream)
 
     def on_partials(self, payload: bytes) -> None:
+        # Connection.send inlined (a partial per chunk): only called while draining results,
+        # whose end writes every dirty connection, so no flush needs scheduling here.
         by_key = self.by_key
+        dirty = self.dirty
         Partial = p.Partial
         for part in self._partials_dec.decode(payload):
             stream = by_key.get(part.key)
             if stream is not None and stream.interim_ms >= 0 and part.utterance in stream.pending:
-                stream.conn.send(
+                conn = stream.conn
+                if conn.transport is None or conn.closing:
+                    continue
+                conn.writer.append(
                     Partial(
                         stream=stream.id,
                         utterance=part.utterance,
@@ -849,6 +859,7 @@ class Ingress(LaneWorker):
                         seq=part.audio_seq,
                     )
                 )
+                dirty.add(conn)
 
     def on_result(self, r: Any) -> None:
         kind = r.kind
