@@ -1,12 +1,13 @@
 """Ingress worker: client connections, protocol, limits, resampling and VAD for one lane.
 
-Threading model: one asyncio event loop. Client sockets are ``BufferedProtocol`` connections
-accepted on the listening socket shared by every lane's ingress worker (the kernel gives each
-connection to one of them). Speech goes to the lane's audio ring, the chunks of one loop
-iteration as one record; results come back through the result ring, whose eventfd is
-registered with the loop. Socket writes are batched: messages are
-encoded as they are produced and written once per loop iteration, except the results drained
-from the result ring, which are written at the end of that drain (one callback covers them all).
+Threading model: one asyncio event loop (uvloop's by default: ``io.client_loop``). Client
+sockets are ``BufferedProtocol`` connections accepted on the listening socket shared by every
+lane's ingress worker (the kernel gives each connection to one of them). Speech goes to the
+lane's audio ring, the chunks of one loop iteration as one record; results come back through
+the result ring, whose eventfd is registered with the loop. Socket writes are batched: messages
+are encoded as they are produced and written once per loop iteration, except the results
+drained from the result ring, which are written at the end of that drain (one callback covers
+them all).
 
 Liveness: a task beats the heartbeat every ``heartbeat_interval_s``; a beat older than
 ``heartbeat_timeout_s`` means the loop is blocked, and the supervisor replaces the worker.
