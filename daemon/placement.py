@@ -121,9 +121,10 @@ def uvloop_available() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
 
-def _choose_client_loop(
+def choose_client_loop(
     config: Config, problems: list[str]
 ) -> tuple[Literal["asyncio", "uvloop"], str]:
+    """The ingress workers' event loop and why; an impossible choice goes to ``problems``."""
     want = config.io.client_loop
     if want == "asyncio":
         return "asyncio", "io.client_loop = 'asyncio'"
@@ -224,7 +225,7 @@ def plan(config: Config, platform: Platform) -> Plan:
         if io_state != "usable":
             io_reason += f"; io_uring is {io_state}"
 
-    client_loop, client_loop_reason = _choose_client_loop(config, problems)
+    client_loop, client_loop_reason = choose_client_loop(config, problems)
 
     if problems:
         raise ConfigError("\n".join(problems))

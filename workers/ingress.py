@@ -39,7 +39,7 @@ import soxr
 
 from daemon.config import VadConfig, vad_with_overrides
 from daemon.errors import ConfigError
-from daemon.placement import uvloop_available
+from daemon.placement import choose_client_loop
 from ipc import protocol as p
 from ipc import records as rec
 from ipc.framing import BadFrame, FrameReader, FrameTooLarge, FrameWriter
@@ -972,8 +972,7 @@ def main() -> int:
     except Exception:
         log.exception("ingress worker failed to start")
         return 70
-    choice = spec.config.io.client_loop
-    if choice == "uvloop" or (choice == "auto" and uvloop_available()):
+    if choose_client_loop(spec.config, [])[0] == "uvloop":
         # The supervisor refused an explicit "uvloop" it could not import, so this imports.
         import uvloop
 
