@@ -51,6 +51,25 @@ def status(daemon: DaemonProcess):  # type: ignore[no-untyped-def]
     return ControlClient.status(daemon.control_path)
 
 
+def wait_counters(daemon: DaemonProcess, timeout: float = 10.0, **minimums: int) -> dict[str, int]:
+    """The daemon's counter totals once each named one (dots spelt ``__``) reaches its minimum.
+
+    Workers publish their counters up to ``PUBLISH_INTERVAL_S`` after counting, so a status read
+    right after a client saw an effect may still show the values from before it."""
+    wanted = {name.replace("__", "."): least for name, least in minimums.items()}
+    totals: dict[str, int] = {}
+
+    def reached() -> bool:
+        totals.update(status(daemon).totals)
+        return all(totals.get(name, 0) >= least for name, least in wanted.items())
+
+    try:
+        wait_until(reached, timeout, f"counters to reach {wanted}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last seen { ({n: totals.get(n) for n in wanted}) }") from None
+    return totals
+
+
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Start ``asrd run`` with extra TOML; every daemon is stopped and checked for leaks."""

@@ -33,7 +33,7 @@ from daemon.launcher import DaemonProcess
 from ipc import protocol as p
 from ipc.client import Client
 from tests.daemon_fixtures import start_daemon as start_daemon
-from tests.daemon_fixtures import status, wait_until
+from tests.daemon_fixtures import status, wait_counters, wait_until
 from tests.test_daemon import Start
 from tests.triton_fixtures import ServerControl
 from tests.triton_fixtures import server_control as server_control
@@ -80,10 +80,6 @@ def endpoint_state(daemon: DaemonProcess) -> str:
     endpoints = status(daemon).endpoints
     assert len(endpoints) == 1
     return str(endpoints[0].state)
-
-
-def infer_counters(daemon: DaemonProcess) -> dict[str, int]:
-    return dict(status(daemon).totals)
 
 
 def registered_regions(url: str) -> list[str]:
@@ -155,9 +151,7 @@ def test_kill9_mid_stream_fails_over_to_embedded_then_recovers(
         # Replayed from its first sample on the embedded recognizer: its whole transcript.
         assert finals == [transcribe_direct(pcm, EmbeddedConfig())]
     wait_until(lambda: endpoint_state(daemon) == "down", WAIT, "endpoint reported down")
-    totals = infer_counters(daemon)
-    assert totals["infer.failovers"] >= len(audio)
-    assert totals["infer.fallback_utterances"] >= len(audio)
+    wait_counters(daemon, infer__failovers=len(audio), infer__fallback_utterances=len(audio))
 
     # The server comes back: the breaker closes after a probe and Triton serves again.
     server_control.start()
@@ -192,9 +186,7 @@ def test_kill9_and_restart_mid_utterance_replays_on_triton(
         s.send(pcm[2 * third :])
         # One final, over every sample of the utterance: replayed whole, nothing twice.
         assert s.finish() == ([light_final(pcm)], [])
-    totals = infer_counters(daemon)
-    assert totals["infer.replays"] >= 2
-    assert totals["infer.unavailable"] == 0
+    assert wait_counters(daemon, infer__replays=2)["infer.unavailable"] == 0
     assert daemon.stop() == 0
     assert registered_regions(url) == []
 
@@ -237,7 +229,7 @@ def test_slow_model_trips_breaker_and_recovers(
     # Timed out on Triton, replayed on the embedded recognizer.
     assert s.finish() == ([transcribe_direct(pcm, EmbeddedConfig())], [])
     wait_until(lambda: endpoint_state(daemon) == "down", WAIT, "breaker open")
-    assert infer_counters(daemon)["infer.breaker_opened"] >= 1
+    wait_counters(daemon, infer__breaker_opened=1)
     with grpcclient.InferenceServerClient(url) as c:
         cfg["parameters"]["delay_ms"] = {"string_value": "0"}
         c.load_model("asr_light", config=json.dumps(cfg))  # fast again
@@ -267,7 +259,7 @@ def test_region_unregistered_behind_the_daemons_back(
     s.send(pcm[32000:])
     assert s.finish() == ([light_final(pcm)], [])
     assert registered_regions(url) == regions  # registered again, same name
-    assert infer_counters(daemon)["infer.failovers"] == 0
+    assert status(daemon).totals["infer.failovers"] == 0
     assert daemon.stop() == 0
     assert registered_regions(url) == []
 
@@ -336,7 +328,7 @@ def test_second_endpoint_takes_over_and_first_comes_back(
             WAIT,
             "first endpoint back",
         )
-        totals = infer_counters(daemon)
+        totals = wait_counters(daemon, infer__failovers=1)
         assert totals["infer.failovers"] == 1 and totals["infer.unavailable"] == 0
         assert daemon.stop() == 0
         assert registered_regions(first_url) == [] and registered_regions(second_url) == []
