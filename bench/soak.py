@@ -92,7 +92,6 @@ from daemon.launcher import DaemonProcess
 from ipc.client import (
     STREAM_ENDING_CODES,
     AsyncClient,
-    ConnectionClosed,
     ControlClient,
     default_control_socket_path,
 )
@@ -280,14 +279,11 @@ class SoakClient(AsyncClient):
     """AsyncClient that can also send raw bytes and drop the connection without a goodbye."""
 
     async def send_raw(self, data: bytes) -> None:
-        try:
-            self._w.write(data)
-            await self._w.drain()
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise ConnectionClosed(f"asrd closed the connection: {exc}") from None
+        self._conn.write(data)
+        await self._conn.drain()
 
     def abort(self) -> None:
-        self._w.transport.abort()
+        self._conn.abort()
 
 
 @dataclass

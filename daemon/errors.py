@@ -66,3 +66,10 @@ class ClientError(AsrdError):
         self.code = code
         self.message = message
         self.stream = stream
+
+
+class ConnectionClosed(ClientError):
+    """The daemon closed the connection (or the client closed it and then used it)."""
+
+    def __init__(self, message: str = "asrd closed the connection") -> None:
+        super().__init__("connection_closed", message)

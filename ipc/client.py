@@ -41,7 +41,8 @@ from typing import Final as TFinal
 import msgspec
 
 from daemon.config import Config
-from daemon.errors import ClientError
+from daemon.errors import ClientError, ConnectionClosed
+from ipc.async_socket import AsyncSocket, connect_unix
 from ipc.control import ControlError, ControlReply, Status, StatusRequest
 from ipc.framing import BadFrame, FrameReader, FrameTooLarge, FrameWriter
 from ipc.protocol import (
@@ -116,13 +117,6 @@ class DaemonError(ClientError):
         self.error = error
         self.retry_after_ms = error.retry_after_ms
         self.finals: list[Final] = finals or []
-
-
-class ConnectionClosed(ClientError):
-    """The daemon closed the connection."""
-
-    def __init__(self, message: str = "asrd closed the connection") -> None:
-        super().__init__(CONNECTION_CLOSED, message)
 
 
 def default_socket_path() -> Path:
@@ -605,10 +599,10 @@ def transcribe(
 class AsyncClient(_Framing):
     """asyncio client for one connection. Create it with ``await AsyncClient.connect()``."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str):
+    def __init__(self, sock: socket.socket, path: str) -> None:
+        """Take over a connected socket (``connect`` makes one and says hello)."""
         super().__init__(path)
-        self._r = reader
-        self._w = writer
+        self._conn = AsyncSocket(sock, self._reader)
 
     @classmethod
     async def connect(
@@ -621,10 +615,11 @@ class AsyncClient(_Framing):
         """Connect, send ``Hello`` and wait (up to ``timeout`` s) for ``Welcome``."""
         spath = os.fspath(path) if path is not None else str(default_socket_path())
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(spath), timeout)
+            async with asyncio.timeout(timeout):
+                sock = await connect_unix(spath)
         except OSError as exc:
             raise _connect_error(spath, exc) from None
-        client = cls(reader, writer, spath)
+        client = cls(sock, spath)
         try:
             await client._send(Hello(protocol=PROTOCOL_VERSION, client=client_name))
             msg = await client.recv(timeout)
@@ -637,9 +632,8 @@ class AsyncClient(_Framing):
         return client
 
     async def close(self) -> None:
-        self._w.close()
-        with contextlib.suppress(OSError):
-            await self._w.wait_closed()
+        """Send what is still buffered (for at most 10 s), then close the connection."""
+        await self._conn.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -656,11 +650,8 @@ class AsyncClient(_Framing):
 
     async def _flush(self) -> None:
         # write() is synchronous, so frames from concurrent tasks never interleave.
-        try:
-            self._w.write(self._writer.take())
-            await self._w.drain()
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise ConnectionClosed(f"asrd closed the connection: {exc}") from None
+        self._conn.write(self._writer.take())
+        await self._conn.drain()
 
     async def _send(self, msg: Any) -> None:
         self._writer.append(msg)
@@ -723,34 +714,21 @@ class AsyncClient(_Framing):
         """The next message; ``None`` on timeout; :class:`ConnectionClosed` after the last."""
         if self._pending:
             return self._pending.popleft()
+        conn = self._conn
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             msg = self._next_frame()
             if msg is not None:
+                self.last_rx = conn.last_rx
                 return msg
-            if self._eof:
+            if conn.eof:
                 raise ConnectionClosed()
-            try:
-                if deadline is None:
-                    data = await self._r.read(RECV_BYTES)
-                else:
-                    left = deadline - loop.time()
-                    if left <= 0:
-                        return None
-                    # Cancelling a pending StreamReader.read loses no data.
-                    data = await asyncio.wait_for(self._r.read(RECV_BYTES), left)
-            except TimeoutError:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
                 return None
-            except OSError:
-                # Reset, or a broken pipe from an earlier send that asyncio stored in the
-                # reader: the daemon closed the connection either way.
-                data = b""
-            self.last_rx = time.monotonic()
-            if data:
-                self._reader.feed(data)
-            else:
-                self._eof = True
+            if not await conn.wait_readable(left):
+                return None
 
     async def wait_for(
         self, pred: Callable[[ServerMessage], bool], timeout: float | None = None

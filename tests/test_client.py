@@ -740,7 +740,7 @@ def test_async_missing_socket(sock_dir: Path) -> None:
 def test_async_connection_closed(daemon: FakeDaemon) -> None:
     async def main() -> None:
         c = await AsyncClient.connect(daemon.path)
-        c._w.write((1 << 30).to_bytes(4, "big"))
+        c._conn.write((1 << 30).to_bytes(4, "big"))
         msgs = [m async for m in c]
         assert isinstance(msgs[-1], Error) and msgs[-1].code == ErrorCode.FRAME_TOO_LARGE
         with pytest.raises(ConnectionClosed):

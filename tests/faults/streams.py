@@ -256,10 +256,7 @@ class Load:
                     if isinstance(msg, p.Started):
                         s.lane = msg.lane
                 self.changed.set()
-        except (ConnectionClosed, BrokenPipeError):
-            # BrokenPipeError: AsyncClient.recv raises it, instead of ConnectionClosed, once a
-            # send hit the closed connection (test_clients.py has the xfail test); the
-            # connection ended either way.
+        except ConnectionClosed:
             conn.eof_at = time.monotonic()
         finally:
             self.changed.set()

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import fcntl
 import select
-import socket
 import termios
 from collections.abc import Callable
 
@@ -98,28 +97,22 @@ async def vanish(conn: Conn, mode: str) -> None:
     if mode != "half_close" and conn.reader is not None:
         conn.reader.cancel()
     if mode == "reset":
-        transport(client).pause_reading()  # what the daemon sends stays in the socket
+        client._conn.pause_reading()  # what the daemon sends stays in the socket
     for s in conn.streams:
         client._audio_frames(s.name, TONE[:16000], None)  # 0.5 s more
-    client._w.write(client._writer.take())  # no drain: the audio is in flight
+    client._conn.write(client._writer.take())  # no drain: the audio is in flight
     if mode == "close":
-        client._w.close()
+        await client.close()
     elif mode == "reset":
         await abort_with_unread(client)
     else:
-        client._w.write_eof()
-
-
-def transport(client: AsyncClient) -> asyncio.Transport:
-    t = client._w.transport
-    assert isinstance(t, asyncio.Transport)
-    return t
+        await client._conn.write_eof()
 
 
 def unread_bytes(client: AsyncClient) -> int:
     """Bytes the daemon sent that are still in the kernel's receive queue of our socket."""
-    sock = client._w.get_extra_info("socket")
-    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"), "little")
+    fd = client._conn.fileno()
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), "little")
 
 
 async def abort_with_unread(client: AsyncClient, timeout: float = 10.0) -> None:
@@ -131,7 +124,7 @@ async def abort_with_unread(client: AsyncClient, timeout: float = 10.0) -> None:
     while not unread_bytes(client):
         assert loop.time() < deadline, "the daemon sent nothing to leave unread"
         await asyncio.sleep(0.01)
-    transport(client).abort()
+    client._conn.abort()
 
 
 async def run_disconnects(daemon: DaemonProcess) -> tuple[Load, Load]:
@@ -207,7 +200,7 @@ async def burst_client(path: str, i: int) -> str:
                 await client.start(f"b{k}", vad=NO_VAD, wait=True, timeout=60)
         if mode == "mid_audio":
             if i % 2:
-                transport(client).pause_reading()
+                client._conn.pause_reading()
             for seq in range(5):
                 for k in range(2):
                     await client.send_audio(f"b{k}", TONE[:3200], seq=seq)
@@ -273,10 +266,10 @@ def test_burst_of_200_clients_vanishing(start_daemon: Start) -> None:
 # --- what a client sees when the daemon closes its connection while it sends ---------------------
 
 
-def _wait_peer_closed(sock: socket.socket, timeout: float) -> None:
+def _wait_peer_closed(fd: int, timeout: float) -> None:
     """Until the daemon has closed its end (POLLRDHUP), without reading anything."""
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLRDHUP)
+    poller.register(fd, select.POLLRDHUP)
     if not poller.poll(int(timeout * 1000)):
         # (not an AssertionError: the xfail below expects one only from the final checks)
         raise RuntimeError("the daemon did not close the connection")
@@ -290,7 +283,7 @@ def _sees_error_then_closed(kind: str, path: str) -> list[object]:
     if kind == "blocking":
         with Client.connect(path) as c:
             c._sock.sendall(oversized)
-            _wait_peer_closed(c._sock, 10)
+            _wait_peer_closed(c._sock.fileno(), 10)
             with pytest.raises(ConnectionClosed):
                 for _ in range(3):
                     c.send_audio("s", TONE[:3200])
@@ -305,9 +298,9 @@ def _sees_error_then_closed(kind: str, path: str) -> list[object]:
     async def run() -> list[object]:
         c = await AsyncClient.connect(path)
         try:
-            c._w.write(oversized)
-            await c._w.drain()
-            _wait_peer_closed(c._w.get_extra_info("socket"), 10)
+            c._conn.write(oversized)
+            await c._conn.drain()
+            _wait_peer_closed(c._conn.fileno(), 10)
             with pytest.raises(ConnectionClosed):
                 for _ in range(3):
                     await c.send_audio("s", TONE[:3200])
@@ -329,18 +322,7 @@ def _sees_error_then_closed(kind: str, path: str) -> list[object]:
     "kind",
     [
         "blocking",
-        pytest.param(
-            "asyncio",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="client limit (ipc/client.py, AsyncClient.recv): once a send hit the "
-                "closed connection (EPIPE), asyncio stores the error in the StreamReader, "
-                "which raises it before the data it had buffered: recv now says "
-                "ConnectionClosed, but the daemon's last messages (here its "
-                "Error(frame_too_large)) are lost; keeping them needs a reader of our own",
-            ),
-        ),
+        "asyncio",
     ],
 )
 def test_client_sees_the_last_messages_then_connection_closed(
