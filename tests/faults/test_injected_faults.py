@@ -91,7 +91,7 @@ class Stream:
                         break
                 elif isinstance(msg, p.Closed):
                     break
-        except (ConnectionClosed, BrokenPipeError, ConnectionResetError):
+        except ConnectionClosed:
             codes.append("connection_closed")
         finally:
             self.client.close()
