@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import pytest
+import uvloop
 
 from daemon import asrctl
 from daemon.errors import ClientError
@@ -674,14 +675,24 @@ def test_control_status_missing(sock_dir: Path) -> None:
 # --- async client -----------------------------------------------------------------------------
 
 
-def run(coro: Any) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, WAIT)
-
-    return asyncio.run(bounded())
+Run = Callable[[Any], Any]
 
 
-def test_async_hello_seq_split_and_ping(sock_dir: Path) -> None:
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Run:
+    """Run a coroutine, bounded, on asyncio's own loop or on uvloop's."""
+    runner = uvloop.run if request.param == "uvloop" else asyncio.run
+
+    def run(coro: Any) -> Any:
+        async def bounded() -> Any:
+            return await asyncio.wait_for(coro, WAIT)
+
+        return runner(bounded())
+
+    return run
+
+
+def test_async_hello_seq_split_and_ping(sock_dir: Path, run: Run) -> None:
     d = FakeDaemon(sock_dir / "a.sock", max_frame_bytes=4096).start()
 
     async def main() -> None:
@@ -709,7 +720,7 @@ def test_async_hello_seq_split_and_ping(sock_dir: Path) -> None:
         d.stop()
 
 
-def test_async_transcribe_and_error(daemon: FakeDaemon) -> None:
+def test_async_transcribe_and_error(daemon: FakeDaemon, run: Run) -> None:
     daemon.fail_streams.add("bad")
     events: list[Any] = []
 
@@ -732,12 +743,12 @@ def test_async_transcribe_and_error(daemon: FakeDaemon) -> None:
     assert [p.seq for p in events if isinstance(p, Partial)] == [0, 1, 2, 3, 4]
 
 
-def test_async_missing_socket(sock_dir: Path) -> None:
+def test_async_missing_socket(sock_dir: Path, run: Run) -> None:
     with pytest.raises(ClientError, match=r"no asrd listening on .*start it with `asrd run`"):
         run(AsyncClient.connect(sock_dir / "none.sock"))
 
 
-def test_async_connection_closed(daemon: FakeDaemon) -> None:
+def test_async_connection_closed(daemon: FakeDaemon, run: Run) -> None:
     async def main() -> None:
         c = await AsyncClient.connect(daemon.path)
         c._conn.write((1 << 30).to_bytes(4, "big"))
