@@ -22,6 +22,7 @@ import numpy as np
 
 from daemon.config import load_config
 from daemon.errors import AsrdError, ClientError
+from daemon.metrics import render as render_metrics
 from ipc.client import STREAM_ENDING_CODES, Client, ConnectionClosed, ControlClient
 from ipc.control import Status
 from ipc.protocol import (
@@ -446,7 +447,8 @@ def format_status(st: Status) -> str:
     lines = [
         f"asrd {st.version}  instance {st.instance}  pid {st.pid}  {st.state}  "
         f"up {_duration(st.uptime_s)}",
-        f"backend {st.backend}  socket {st.socket}",
+        f"backend {st.backend}  socket {st.socket}"
+        + (f"  metrics {st.metrics}" if st.metrics else ""),
         "",
     ]
     if st.endpoints:
@@ -495,19 +497,33 @@ def format_status(st: Status) -> str:
     return "\n".join(lines)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _control_status(args: argparse.Namespace) -> Status | None:
     path = args.control_socket
     if path is None and args.config:
         path = str(load_config(args.config).control_socket_path())
     try:
-        st = ControlClient.status(path, timeout=args.connect_timeout)
+        return ControlClient.status(path, timeout=args.connect_timeout)
     except AsrdError as exc:
         print(f"asrctl: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _control_status(args)
+    if st is None:
         return EXIT_USAGE
     if args.json:
         sys.stdout.write(msgspec.json.format(msgspec.json.encode(st)).decode() + "\n")
     else:
         print(format_status(st))
+    return EXIT_OK
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    st = _control_status(args)
+    if st is None:
+        return EXIT_USAGE
+    sys.stdout.write(render_metrics(st))
     return EXIT_OK
 
 
@@ -560,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
             "\n"
             "The daemon socket is --socket, else the socket of --config, else $ASRD_SOCKET,\n"
             "else the default ($XDG_RUNTIME_DIR/asrd/asrd.sock or /tmp/asrd-UID/asrd.sock);\n"
-            "likewise --control-socket, --config, $ASRD_CONTROL_SOCKET for `status`.\n"
+            "likewise --control-socket, --config, $ASRD_CONTROL_SOCKET for `status` and\n"
+            "`metrics`.\n"
             "exit codes: 0 ok, 1 a stream failed, 2 usage or connection error"
         ),
     )
@@ -638,24 +655,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=cmd_transcribe)
 
+    control = argparse.ArgumentParser(add_help=False)
+    control.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="control socket (default: $ASRD_CONTROL_SOCKET, else from --config or defaults)",
+    )
+    control.add_argument(
+        "--config", metavar="FILE", help="take the control socket path from this config"
+    )
+    control.add_argument(
+        "--connect-timeout", type=float, default=5.0, metavar="S", help="seconds (default 5)"
+    )
+
     s = sub.add_parser(
         "status",
+        parents=[control],
         formatter_class=fmt,
         help="show lanes, workers, streams and counters",
         description="Ask the daemon's control socket for its status and print it as tables.",
         epilog="examples:\n  asrctl status\n  asrctl status --json | jq .totals",
     )
     s.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    s.add_argument(
-        "--control-socket",
-        metavar="PATH",
-        help="control socket (default: $ASRD_CONTROL_SOCKET, else from --config or defaults)",
-    )
-    s.add_argument("--config", metavar="FILE", help="take the control socket path from this config")
-    s.add_argument(
-        "--connect-timeout", type=float, default=5.0, metavar="S", help="seconds (default 5)"
-    )
     s.set_defaults(func=cmd_status)
+
+    m = sub.add_parser(
+        "metrics",
+        parents=[control],
+        formatter_class=fmt,
+        help="print the status as Prometheus metrics",
+        description=(
+            "Ask the daemon's control socket for its status and print it in Prometheus's text\n"
+            "format: the page its metrics.listen endpoint serves, for node_exporter's textfile\n"
+            "collector where no port may be opened."
+        ),
+        epilog=(
+            "examples:\n"
+            "  asrctl metrics | grep asrd_ingress_streams\n"
+            "  asrctl metrics > /var/lib/node_exporter/asrd.prom.$$ &&\n"
+            "    mv /var/lib/node_exporter/asrd.prom.$$ /var/lib/node_exporter/asrd.prom"
+        ),
+    )
+    m.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser(
         "ping",

@@ -22,6 +22,7 @@ import msgspec.inspect as mi
 from msgspec import Meta
 
 from daemon.errors import ConfigError
+from daemon.metrics import parse_listen
 from ipc.heartbeat import MAX_ENDPOINTS
 from workers.breaker import BreakerConfig
 
@@ -149,6 +150,13 @@ class IoConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     client_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
 
+class MetricsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Prometheus metrics over HTTP, served by the supervisor: "host:port" ("[v6]:port"), an IP
+    # address, no name; port 0 takes any free port (the status says which). "" = off: the
+    # same figures are on the control socket (`asrctl status`, `asrctl metrics`).
+    listen: str = ""
+
+
 class FaultsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Fault injection for tests (workers/faults.py); refused unless $ASRD_ALLOW_FAULTS=1."""
 
@@ -195,6 +203,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     backend: BackendConfig = msgspec.field(default_factory=BackendConfig)
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
     io: IoConfig = msgspec.field(default_factory=IoConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     restart: RestartConfig = msgspec.field(default_factory=RestartConfig)
     faults: FaultsConfig = msgspec.field(default_factory=FaultsConfig)
 
@@ -226,6 +235,7 @@ NEEDS_RESTART = (
     "lanes",
     "placement",
     "io",
+    "metrics",
 )
 NEEDS_NEW_WORKERS = ("backend", "ring", "heartbeat_interval_s", "heartbeat_timeout_s", "faults")
 LIVE = ("vad", "limits", "log_level", "shutdown_timeout_s", "restart")
@@ -383,6 +393,11 @@ def _cross_field_problems(cfg: Config) -> list[str]:
             f"faults.action = {cfg.faults.action!r}: fault injection is for tests; it is refused "
             "unless the environment has ASRD_ALLOW_FAULTS=1"
         )
+    if cfg.metrics.listen:
+        try:
+            parse_listen(cfg.metrics.listen)
+        except ValueError as exc:
+            p.append(f"metrics.listen = {_toml_value(cfg.metrics.listen)}: {exc}")
     # Backoff doubles from the initial value and is capped at the maximum.
     if cfg.restart.backoff_max_s < cfg.restart.backoff_initial_s:
         p.append(

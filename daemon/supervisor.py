@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import logging
 import os
 import selectors
@@ -37,6 +38,8 @@ import psutil
 from daemon import __version__
 from daemon.config import Config, live_config_path, load_config, reload_plan
 from daemon.errors import BootError, ConfigError, LanesFailedError, SocketInUseError
+from daemon.metrics import MetricsServer, parse_listen
+from daemon.metrics import render as render_metrics
 from daemon.placement import plan as plan_placement
 from daemon.placement import running_on
 from daemon.platform import format_cpulist, probe
@@ -129,6 +132,7 @@ class Supervisor:
         self.control_sock: socket.socket | None = None
         self.control_conns: dict[socket.socket, FrameReader[ctl.ControlRequest]] = {}
         self.uring_control: UringControlServer[ctl.ControlRequest] | None = None
+        self.metrics: MetricsServer | None = None
         self.table: HeartbeatTable | None = None
         self.manifest: Manifest | None = None
         self.selector = selectors.DefaultSelector()
@@ -197,6 +201,9 @@ class Supervisor:
             self.selector.register(self.uring_control.fileno(), selectors.EVENT_READ, "uring")
         else:
             self.selector.register(self.control_sock, selectors.EVENT_READ, "control")
+        if cfg.metrics.listen:
+            self.metrics = self._metrics_server(cfg.metrics.listen)
+            log.info("Prometheus metrics on %s", self.metrics.url)
         self.manifest = Manifest(self.runtime_dir, cfg.instance)
         n_lanes = len(self.plan.lanes)
         name = segment_name(cfg.instance, self.pid, "heartbeat", 0)
@@ -293,6 +300,18 @@ class Supervisor:
             sock.close()
             raise BootError(f"cannot listen on {what} {path}: {exc.strerror}") from exc
         return sock
+
+    def _metrics_server(self, listen: str) -> MetricsServer:
+        host, port = parse_listen(listen)  # validated with the config
+        try:
+            return MetricsServer(host, port, lambda: render_metrics(self.status()), self.selector)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise SocketInUseError(
+                    f"metrics.listen = {listen!r}: the address is in use (another asrd, or "
+                    "another exporter); choose another port"
+                ) from exc
+            raise BootError(f"metrics.listen = {listen!r}: cannot listen: {exc.strerror}") from exc
 
     # --- workers --------------------------------------------------------------------------------
     def spawn(self, slot: WorkerSlot) -> None:
@@ -754,6 +773,7 @@ class Supervisor:
             state=self.state,
             backend=self.config.backend.kind,
             socket=str(self.socket_path),
+            metrics=self.metrics.url if self.metrics is not None else "",
             lanes=lanes,
             totals=totals,
         )
@@ -793,6 +813,12 @@ class Supervisor:
                 elif key.data == "uring":
                     assert self.uring_control is not None
                     self.uring_control.process()
+                elif key.data == "metrics":
+                    assert self.metrics is not None
+                    self.metrics.accept()
+                elif key.data == "metrics-conn":
+                    assert self.metrics is not None
+                    self.metrics.on_data(key.fileobj)  # type: ignore[arg-type]
                 else:
                     self.on_control_data(key.fileobj)  # type: ignore[arg-type]
             while self.signals:
@@ -802,6 +828,8 @@ class Supervisor:
                 elif sig == signal.SIGHUP:
                     self.reload()
             self.reap()
+            if self.metrics is not None:
+                self.metrics.expire()
             if self.state == "draining":
                 if self.advance_drain():
                     return
@@ -890,6 +918,9 @@ class Supervisor:
         if self.uring_control is not None:
             self.uring_control.close()
             self.uring_control = None
+        if self.metrics is not None:
+            self.metrics.shutdown()
+            self.metrics = None
         for lane in self.lanes:
             for ring in (lane.audio, lane.result):
                 ring.close()

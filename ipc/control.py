@@ -56,6 +56,7 @@ class Status(_Ctl, tag="status"):
     lanes: list[LaneStatus]
     totals: dict[str, int] = msgspec.field(default_factory=dict)
     endpoints: list[EndpointStatus] = msgspec.field(default_factory=list)  # backend "triton"
+    metrics: str = ""  # the Prometheus endpoint's URL (metrics.listen), "" when off
 
 
 class ControlError(_Ctl, tag="control_error"):
