@@ -2,7 +2,8 @@
 
 Threading model: one thread. Signal handlers only enqueue the signal number (and
 ``signal.set_wakeup_fd`` wakes the loop); the main loop sleeps in ``select`` on the wake-up
-pipe and the control socket with a short timeout, then reaps (``waitpid(-1, WNOHANG)``),
+pipe, the control socket and the metrics endpoint (daemon/metrics.py) with a short timeout,
+answers them, then reaps (``waitpid(-1, WNOHANG)``),
 checks heartbeats, respawns what is due and advances a drain. It runs no per-chunk work.
 
 Liveness and timeouts: a worker whose heartbeat is older than ``heartbeat_timeout_s`` (or that
