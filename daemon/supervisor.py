@@ -3,8 +3,8 @@
 Threading model: one thread. Signal handlers only enqueue the signal number (and
 ``signal.set_wakeup_fd`` wakes the loop); the main loop sleeps in ``select`` on the wake-up
 pipe, the control socket and the metrics endpoint (daemon/metrics.py) with a short timeout,
-answers them, then reaps (``waitpid(-1, WNOHANG)``),
-checks heartbeats, respawns what is due and advances a drain. It runs no per-chunk work.
+answers them, then reaps (``waitpid(-1, WNOHANG)``), checks heartbeats, respawns what is due
+and advances a drain. It runs no per-chunk work.
 
 Liveness and timeouts: a worker whose heartbeat is older than ``heartbeat_timeout_s`` (or that
 has not beaten that long after its spawn) is killed with SIGKILL and replaced. Respawns back off
