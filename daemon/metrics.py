@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import selectors
 import socket
 import time
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterable
 from ipc import control as ctl
 from ipc.heartbeat import BACKEND_COUNTERS
 
+log = logging.getLogger("asrd.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST_BYTES = 8192
 REQUEST_TIMEOUT_S = 5.0
@@ -325,7 +327,13 @@ class MetricsServer:
                 conn, 404, "Not Found", "asrd serves /metrics only\n", head=parts[0] == "HEAD"
             )
         else:
-            self._answer(conn, 200, "OK", self.page(), head=parts[0] == "HEAD")
+            try:
+                page = self.page()
+            except Exception as exc:  # a rendering bug must not take the supervisor down
+                log.exception("metrics page failed")
+                self._answer(conn, 500, "Internal Server Error", f"asrd: {exc!r}\n")
+                return
+            self._answer(conn, 200, "OK", page, head=parts[0] == "HEAD")
 
     def _answer(
         self, conn: socket.socket, code: int, reason: str, body: str, head: bool = False

@@ -257,6 +257,19 @@ def test_http_answers(server: tuple[MetricsServer, selectors.BaseSelector, Clock
     assert srv.conns == {}
 
 
+def test_a_failing_page_is_a_500_and_the_server_goes_on(
+    server: tuple[MetricsServer, selectors.BaseSelector, Clock],
+) -> None:
+    srv, sel, _ = server
+    good = srv.page
+    srv.page = lambda: str(1 / 0)
+    assert exchange(srv, sel, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(
+        b"HTTP/1.0 500 Internal Server Error"
+    )
+    srv.page = good
+    assert exchange(srv, sel, b"GET /metrics HTTP/1.1\r\n\r\n").endswith(b"asrd_up 1\n")
+
+
 def test_a_silent_client_is_dropped_and_others_are_served_meanwhile(
     server: tuple[MetricsServer, selectors.BaseSelector, Clock],
 ) -> None:
