@@ -59,9 +59,13 @@ HELP = {
     "decode_seconds": "Time spent in the recognizer.",
     "connections_accepted": "Client connections accepted.",
     "streams_started": "Streams started.",
+    "vad_discarded": "Speech shorter than vad.min_speech_ms, dropped undecoded.",
+    "speech_frames": "VAD frames called voiced.",
+    "silence_frames": "VAD frames called unvoiced.",
 }
 # Running totals whose names would clash with a level's once "_total" is appended.
 RENAMED = {"connections_total": "connections_accepted", "streams_total": "streams_started"}
+CUT_REASONS = {"cut_silence": "silence", "cut_max_length": "max_length", "cut_finish": "finish"}
 DAEMON_STATES = ("starting", "serving", "draining")
 RING_COUNTERS = ("records_pushed", "records_popped", "bytes_pushed", "full_events")
 ENDPOINT_STATES = ("up", "degraded", "down")
@@ -203,6 +207,17 @@ def render(status: ctl.Status) -> str:
                     **who,
                 )
             for key, value in _worker_counters(w.counters, status.backend):
+                if key in CUT_REASONS:
+                    x.add(
+                        "asrd_ingress_utterance_cuts",
+                        "counter",
+                        "Utterances ended, by why: silence (the VAD's end of speech), "
+                        "max_length (vad.max_utterance_s) or finish (the stream's end).",
+                        value,
+                        lane=w.lane,
+                        reason=CUT_REASONS[key],
+                    )
+                    continue
                 name, kind, help = _counter_family(w.role, key)
                 x.add(name, kind, help, value, lane=w.lane)
         for ring, stats in (("audio", lane.audio_ring), ("result", lane.result_ring)):

@@ -36,6 +36,10 @@ INGRESS_COUNTERS = (
     "audio_bytes",
     "speech_frames",
     "silence_frames",
+    "vad_discarded",  # speech shorter than vad.min_speech_ms: dropped, never decoded
+    "cut_silence",  # utterances ended by the VAD's end of speech
+    "cut_max_length",  # ... cut at vad.max_utterance_s
+    "cut_finish",  # ... ended by the stream's Finish (or the daemon's drain)
     "utterances",
     "finals",
     "errors_sent",

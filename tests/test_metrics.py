@@ -74,7 +74,15 @@ def status_with(backend: str = "embedded", **infer: int) -> ctl.Status:
             heartbeat_age_s=0.25,
             cpus=[0],
             rss_bytes=30 << 20,
-            counters={"connections": 3, "connections_total": 7, "streams": 4, "streams_total": 9},
+            counters={
+                "connections": 3,
+                "connections_total": 7,
+                "streams": 4,
+                "streams_total": 9,
+                "cut_silence": 5,
+                "cut_max_length": 1,
+                "cut_finish": 2,
+            },
         ),
         ctl.WorkerStatus(
             role="infer",
@@ -133,6 +141,11 @@ def test_render_names_kinds_and_values() -> None:
     }
     assert f["asrd_ingress_streams_started_total"] == {
         'asrd_ingress_streams_started_total{lane="0"}': "9"
+    }
+    assert f["asrd_ingress_utterance_cuts_total"] == {
+        'asrd_ingress_utterance_cuts_total{lane="0",reason="silence"}': "5",
+        'asrd_ingress_utterance_cuts_total{lane="0",reason="max_length"}': "1",
+        'asrd_ingress_utterance_cuts_total{lane="0",reason="finish"}': "2",
     }
     assert f["asrd_infer_decode_seconds_total"] == {
         'asrd_infer_decode_seconds_total{lane="0"}': "2.5"
@@ -336,6 +349,13 @@ def test_a_real_daemon_is_scraped_while_it_transcribes(start_daemon: Start) -> N
 
     wait_until(finals_counted, 10, "the finals in the scraped metrics")
     f = scrape(url)
+    cuts = {
+        k.split('reason="')[1].rstrip('"}'): int(v)
+        for k, v in f["asrd_ingress_utterance_cuts_total"].items()
+        if int(v)
+    }
+    # Every utterance ended at a silence or at the stream's end, one cut per final.
+    assert sum(cuts.values()) == len(finals) and set(cuts) <= {"silence", "finish"}, cuts
     assert sum(float(v) for v in f["asrd_infer_decode_seconds_total"].values()) > 0
     assert sum(int(v) for v in f["asrd_ingress_streams_started_total"].values()) >= 1
 

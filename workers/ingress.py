@@ -49,7 +49,7 @@ from workers.balance import LaneBalancer
 from workers.common import LaneWorker, parent_alive, read_live_config, setup_process
 from workers.faults import FaultInjector
 from workers.spec import WorkerSpec, load_spec
-from workers.vad import SpeechAudio, SpeechEnd, SpeechStart, StreamVad
+from workers.vad import SpeechAudio, SpeechEnd, SpeechStart, StreamVad, VadCounters
 
 log = logging.getLogger("asrd.ingress")
 
@@ -202,8 +202,7 @@ class Ingress(LaneWorker):
         # Totals of streams that have ended (live streams count their own, summed at publish).
         self.ended_chunks = 0
         self.ended_samples = 0
-        self.ended_speech_frames = 0
-        self.ended_silence_frames = 0
+        self.ended_vad = VadCounters()
         lanes = max(1, spec.lanes)
         limits = self.config.limits
         self.max_connections = -(-limits.max_connections // lanes)
@@ -304,8 +303,13 @@ class Ingress(LaneWorker):
         c["chunks"] = self.ended_chunks + sum(s.chunks for s in streams)
         c["audio_bytes"] = 2 * (self.ended_samples + sum(s.samples_in for s in streams))
         live = [s.vad.counters for s in streams]
-        c["speech_frames"] = self.ended_speech_frames + sum(v.speech_frames for v in live)
-        c["silence_frames"] = self.ended_silence_frames + sum(v.silence_frames for v in live)
+        ended = self.ended_vad
+        c["speech_frames"] = ended.speech_frames + sum(v.speech_frames for v in live)
+        c["silence_frames"] = ended.silence_frames + sum(v.silence_frames for v in live)
+        c["vad_discarded"] = ended.discarded + sum(v.discarded for v in live)
+        c["cut_silence"] = ended.cut_silence + sum(v.cut_silence for v in live)
+        c["cut_max_length"] = ended.cut_max_length + sum(v.cut_max_length for v in live)
+        c["cut_finish"] = ended.cut_finish + sum(v.cut_finish for v in live)
         c["pending_records"] = len(self.backlog)
         self.slot.beat(time.monotonic())
         self.slot.publish(list(c.values()))
@@ -667,8 +671,13 @@ class Ingress(LaneWorker):
             vc = stream.vad.counters
             self.ended_chunks += stream.chunks
             self.ended_samples += stream.samples_in
-            self.ended_speech_frames += vc.speech_frames
-            self.ended_silence_frames += vc.silence_frames
+            ended = self.ended_vad
+            ended.speech_frames += vc.speech_frames
+            ended.silence_frames += vc.silence_frames
+            ended.discarded += vc.discarded
+            ended.cut_silence += vc.cut_silence
+            ended.cut_max_length += vc.cut_max_length
+            ended.cut_finish += vc.cut_finish
             self.slot.set_counter(_STREAMS, len(self.by_key))
         if stream.conn.streams.get(stream.id) is stream:
             del stream.conn.streams[stream.id]
