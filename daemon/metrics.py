@@ -2,8 +2,8 @@
 small HTTP endpoint that serves it (``metrics.listen``), for Prometheus to scrape.
 
 The figures are those of ``asrctl status`` (one :class:`~ipc.control.Status`): per worker its
-counters, as published with its heartbeats (at most ``PUBLISH_INTERVAL_S`` old under load), its
-restarts, heartbeat age and memory; per lane its rings; per Triton endpoint its breaker state.
+counters as last published (an ingress worker's every ``heartbeat_interval_s``, an infer
+worker's every ``PUBLISH_INTERVAL_S`` while busy), its restarts, heartbeat age and memory; per lane its rings; per Triton endpoint its breaker state.
 A worker's counters start again from 0 when it is replaced, which Prometheus's ``rate()`` and
 ``increase()`` take as a counter reset.
 
