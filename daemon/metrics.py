@@ -3,9 +3,9 @@ small HTTP endpoint that serves it (``metrics.listen``), for Prometheus to scrap
 
 The figures are those of ``asrctl status`` (one :class:`~ipc.control.Status`): per worker its
 counters as last published (an ingress worker's every ``heartbeat_interval_s``, an infer
-worker's every ``PUBLISH_INTERVAL_S`` while busy), its restarts, heartbeat age and memory; per lane its rings; per Triton endpoint its breaker state.
-A worker's counters start again from 0 when it is replaced, which Prometheus's ``rate()`` and
-``increase()`` take as a counter reset.
+worker's every ``PUBLISH_INTERVAL_S`` while busy), its restarts, heartbeat age and memory; per
+lane its rings; per Triton endpoint its breaker state. A worker's counters start again from 0
+when it is replaced, which Prometheus's ``rate()`` and ``increase()`` take as a counter reset.
 
 Threading model: none of its own. :class:`MetricsServer` registers its sockets in the
 supervisor's selector (keys with data ``"metrics"`` and ``"metrics-conn"``) and is driven by that
