@@ -181,7 +181,6 @@ class _Framing:
         self.max_frame_bytes = 0
         #: ``time.monotonic()`` of the latest socket read: when the newest message arrived.
         self.last_rx = 0.0
-        self._eof = False
 
     @property
     def limits(self) -> Limits:
@@ -305,6 +304,7 @@ class Client(_Framing):
 
     def __init__(self, sock: socket.socket, path: str) -> None:
         super().__init__(path)
+        self._eof = False
         self._sock = sock
         self._send_lock = threading.Lock()
         self._poll = select.poll()

@@ -58,6 +58,15 @@ MAX_UNREAD_BYTES = 8 * 1024 * 1024
 ACCEPT_RECHECK_S = 0.02
 _CONNECTIONS = INGRESS_COUNTERS.index("connections")
 _STREAMS = INGRESS_COUNTERS.index("streams")
+# Counter name -> the VadCounters field summed over the worker's streams, ended and live.
+VAD_TOTALS = (
+    ("speech_frames", "speech_frames"),
+    ("silence_frames", "silence_frames"),
+    ("vad_discarded", "discarded"),
+    ("cut_silence", "cut_silence"),
+    ("cut_max_length", "cut_max_length"),
+    ("cut_finish", "cut_finish"),
+)
 MAX_STREAM_ID = 256
 ENCODINGS = ("s16le",)
 
@@ -303,13 +312,8 @@ class Ingress(LaneWorker):
         c["chunks"] = self.ended_chunks + sum(s.chunks for s in streams)
         c["audio_bytes"] = 2 * (self.ended_samples + sum(s.samples_in for s in streams))
         live = [s.vad.counters for s in streams]
-        ended = self.ended_vad
-        c["speech_frames"] = ended.speech_frames + sum(v.speech_frames for v in live)
-        c["silence_frames"] = ended.silence_frames + sum(v.silence_frames for v in live)
-        c["vad_discarded"] = ended.discarded + sum(v.discarded for v in live)
-        c["cut_silence"] = ended.cut_silence + sum(v.cut_silence for v in live)
-        c["cut_max_length"] = ended.cut_max_length + sum(v.cut_max_length for v in live)
-        c["cut_finish"] = ended.cut_finish + sum(v.cut_finish for v in live)
+        for name, attr in VAD_TOTALS:
+            c[name] = getattr(self.ended_vad, attr) + sum(getattr(v, attr) for v in live)
         c["pending_records"] = len(self.backlog)
         self.slot.beat(time.monotonic())
         self.slot.publish(list(c.values()))
@@ -672,12 +676,8 @@ class Ingress(LaneWorker):
             self.ended_chunks += stream.chunks
             self.ended_samples += stream.samples_in
             ended = self.ended_vad
-            ended.speech_frames += vc.speech_frames
-            ended.silence_frames += vc.silence_frames
-            ended.discarded += vc.discarded
-            ended.cut_silence += vc.cut_silence
-            ended.cut_max_length += vc.cut_max_length
-            ended.cut_finish += vc.cut_finish
+            for _name, attr in VAD_TOTALS:
+                setattr(ended, attr, getattr(ended, attr) + getattr(vc, attr))
             self.slot.set_counter(_STREAMS, len(self.by_key))
         if stream.conn.streams.get(stream.id) is stream:
             del stream.conn.streams[stream.id]
